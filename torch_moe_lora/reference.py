@@ -1,0 +1,236 @@
+"""Plain eager definitions of every ``moe_lora`` op.
+
+This module is the ground truth: tests, benchmarks and documentation compare against it. It loops
+over experts and adapter slots and computes in float64 by default, trading all speed for being easy
+to check by eye. Nothing here is used on a hot path.
+
+Conventions shared by all ops (see ``torch_moe_lora.fused_experts`` for the full argument list):
+
+* ``x [T, H]`` hidden states, ``topk_ids [T, K]`` expert ids, ``topk_weights [T, K]`` routing
+  weights. A pair ``(t, k)`` is flattened to ``t * K + k``. Expert ids outside ``[0, E)`` (the
+  sentinels expert parallelism uses for experts held by other ranks) contribute nothing.
+* ``w13 [E, 2I, H]``: gate rows then up rows (``interleaved=False``) or gate/up alternating
+  (``interleaved=True``, GPT-OSS); ``[E, I, H]`` when ``gated=False``. ``w2 [E, H, I]``.
+* ``token_lora [T]``: the adapter slot of each token, ``-1`` for none.
+* LoRA slot tables for ``L`` slots (see ``torch_moe_lora.lora.LoRAWeights``):
+  ``gate_up_a [L, E, Ra, H]``, ``gate_up_b [L, E, 2I, R]``, ``down_a [L, E, Rd, I]``,
+  ``down_b [L, E, H, Rd]``, ``gate_up_scale [L]``, ``down_scale [L]``. ``Ra == R`` is one joint
+  gate_up LoRA; ``Ra == 2R`` holds separate gate and up LoRAs: gate rows of ``gate_up_b`` contract
+  with the first ``R`` shrink outputs, up rows with the last ``R``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swigluoai")
+"""Activation names the ops accept. ``swigluoai`` is GPT-OSS's clamped swiglu (gated only)."""
+
+
+def activation_ref(
+    h: torch.Tensor,
+    activation: str,
+    *,
+    gated: bool = True,
+    interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """Applies the expert activation to the gate_up projection ``h [..., 2I]`` (or ``[..., I]``).
+
+    Gated: ``act(gate) * up``, or for ``swigluoai``
+    ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``.
+    Not gated: ``act(h)``.
+    """
+    if gated:
+        if interleaved:
+            gate, up = h[..., 0::2], h[..., 1::2]
+        else:
+            gate, up = h.chunk(2, dim=-1)
+    else:
+        gate, up = h, None
+    if activation == "swigluoai":
+        if not gated:
+            raise ValueError("activation 'swigluoai' needs gated=True")
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * swiglu_alpha))
+    if activation == "silu":
+        a = F.silu(gate)
+    elif activation == "gelu":
+        a = F.gelu(gate)
+    elif activation == "gelu_tanh":
+        a = F.gelu(gate, approximate="tanh")
+    elif activation == "relu":
+        a = F.relu(gate)
+    elif activation == "relu2":
+        a = F.relu(gate).square()
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return a * up if gated else a
+
+
+def gate_rows_ref(num_rows: int, *, gated: bool, interleaved: bool, device=None) -> torch.Tensor:
+    """Boolean mask ``[num_rows]`` of the gate_up rows that are gate rows (all True if not gated)."""
+    rows = torch.arange(num_rows, device=device)
+    if not gated:
+        return torch.ones(num_rows, dtype=torch.bool, device=device)
+    if interleaved:
+        return rows % 2 == 0
+    return rows < num_rows // 2
+
+
+def lora_delta_ref(
+    xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale, gate_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * B (A x)`` for rows ``xs [n, in]`` with ``a [Ra, in]`` and ``b [out, R]``.
+
+    When ``Ra == 2R`` (separate gate and up LoRAs), rows of ``b`` where ``gate_rows`` is True use the
+    first ``R`` shrink outputs and the other rows the last ``R``.
+    """
+    shrunk = xs @ a.T
+    rank = b.shape[-1]
+    if a.shape[0] == rank:
+        return scale * (shrunk @ b.T)
+    assert a.shape[0] == 2 * rank and gate_rows is not None
+    delta = torch.empty(xs.shape[0], b.shape[0], dtype=xs.dtype, device=xs.device)
+    delta[:, gate_rows] = shrunk[:, :rank] @ b[gate_rows].T
+    delta[:, ~gate_rows] = shrunk[:, rank:] @ b[~gate_rows].T
+    return scale * delta
+
+
+def fused_experts_ref(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    token_lora: torch.Tensor | None = None,
+    lora=None,
+    activation: str = "silu",
+    gated: bool = True,
+    interleaved: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    weight_on_input: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """One MoE layer's experts with per-token LoRA adapters, by loops over experts and slots.
+
+    ``y_t = sum_k w_tk * (w2_e act(w13_e x_t + b13_e + d13) + b2_e + d2)`` with ``e = topk_ids[t, k]``
+    and the LoRA deltas ``d = scale * B (A .)`` of the token's slot (none for slot ``-1``). With
+    ``weight_on_input`` (Llama 4) the weight scales the expert's input instead:
+    ``y_t = sum_k (w2_e act(w13_e (w_tk x_t) + ...) + ...)``.
+
+    ``lora`` is a ``LoRAWeights`` (or any object with its six fields) or None.
+    Returns ``[T, H]`` in ``compute_dtype``.
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    cd = compute_dtype
+    out = torch.zeros(num_tokens, x.shape[1], dtype=cd, device=x.device)
+    if num_tokens == 0:
+        return out
+    slot_of_token = (
+        token_lora.long() if token_lora is not None else torch.full((num_tokens,), -1, device=x.device)
+    )
+    num_slots = lora.gate_up_a.shape[0] if lora is not None else 0
+    gate_rows = gate_rows_ref(w13.shape[1], gated=gated, interleaved=interleaved, device=x.device)
+    ids = topk_ids.long()
+    for e in range(num_experts):
+        for slot in range(-1, num_slots):
+            tok, k = torch.nonzero((ids == e) & (slot_of_token[:, None] == slot), as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            w = topk_weights[tok, k].to(cd)[:, None]
+            xs = x[tok].to(cd)
+            if weight_on_input:
+                xs = xs * w
+            h = xs @ w13[e].to(cd).T
+            if w13_bias is not None:
+                h = h + w13_bias[e].to(cd)
+            if slot >= 0:
+                h = h + lora_delta_ref(
+                    xs,
+                    lora.gate_up_a[slot, e].to(cd),
+                    lora.gate_up_b[slot, e].to(cd),
+                    lora.gate_up_scale[slot].to(cd),
+                    gate_rows,
+                )
+            act = activation_ref(
+                h,
+                activation,
+                gated=gated,
+                interleaved=interleaved,
+                swiglu_alpha=swiglu_alpha,
+                swiglu_limit=swiglu_limit,
+            )
+            y = act @ w2[e].to(cd).T
+            if w2_bias is not None:
+                y = y + w2_bias[e].to(cd)
+            if slot >= 0:
+                y = y + lora_delta_ref(
+                    act, lora.down_a[slot, e].to(cd), lora.down_b[slot, e].to(cd), lora.down_scale[slot].to(cd)
+                )
+            if not weight_on_input:
+                y = y * w
+            out.index_add_(0, tok, y)
+    return out
+
+
+def align_block_size_ref(
+    topk_ids: torch.Tensor,
+    token_lora: torch.Tensor | None,
+    num_experts: int,
+    max_loras: int,
+    block_size: int,
+    pad_per_adapter: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups the flattened (token, k) pairs into blocks of ``block_size`` pairs.
+
+    Groups are visited expert by expert. With ``pad_per_adapter`` each (expert, adapter slot) group
+    is padded to a multiple of ``block_size`` (slots in increasing order) and pairs of tokens without
+    an adapter are dropped. Without it every expert's pairs form one group, ordered by slot with the
+    adapter-less pairs last, and only the expert's group is padded. Pairs keep their flattened order
+    inside a group; padding entries hold the pair count ``N = T * K``. Pairs whose expert id is
+    outside ``[0, num_experts)`` are dropped.
+
+    Returns the used prefix only (the op pads every output to a static bound):
+    ``sorted_pair_ids [num_blocks * block_size]``, ``expert_of_block [num_blocks]`` and
+    ``lora_of_block [num_blocks]`` (the slot, or ``-1`` when ``pad_per_adapter`` is False), all int64.
+    """
+    num_pairs = topk_ids.numel()
+    ids = topk_ids.reshape(-1).long().cpu()
+    if token_lora is None:
+        slot_of_pair = torch.full((num_pairs,), -1, dtype=torch.long)
+    else:
+        slot_of_pair = token_lora.long().cpu().repeat_interleave(topk_ids.shape[-1])
+    sorted_ids: list[int] = []
+    expert_of_block: list[int] = []
+    lora_of_block: list[int] = []
+
+    def emit(pairs: list[int], expert: int, slot: int) -> None:
+        if not pairs:
+            return
+        padded = -(-len(pairs) // block_size) * block_size
+        sorted_ids.extend(pairs + [num_pairs] * (padded - len(pairs)))
+        expert_of_block.extend([expert] * (padded // block_size))
+        lora_of_block.extend([slot] * (padded // block_size))
+
+    slots = list(range(max_loras)) if pad_per_adapter else [*range(max_loras), -1]
+    for e in range(num_experts):
+        group: list[int] = []
+        for slot in slots:
+            pairs = torch.nonzero((ids == e) & (slot_of_pair == slot)).flatten().tolist()
+            if pad_per_adapter:
+                emit(pairs, e, slot)
+            else:
+                group += pairs
+        if not pad_per_adapter:
+            emit(group, e, -1)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return as_long(sorted_ids), as_long(expert_of_block), as_long(lora_of_block)
