@@ -6,13 +6,16 @@ the portable PyTorch implementation (the CPU path), and the public function.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..configs import get_config
 from ..lora import LoRAWeights
 from ..reference import ACTIVATIONS, activation_ref
+from .fused_experts_triton import fused_experts_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -165,6 +168,34 @@ def _(
         gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale, activation, gated,
     )  # fmt: skip
     return x.new_empty(x.shape)
+
+
+@_fused_experts_op.register_kernel("cuda")
+def _(
+    x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
+    gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
+    activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
+):  # fmt: skip
+    args = (
+        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
+        gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
+    )  # fmt: skip
+    check_fused_experts_args(*args, activation, gated)
+    config = launch_config(x, topk_ids, w2, gate_up_b)
+    return fused_experts_triton(
+        *args, activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input, config=config
+    )
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def launch_config(x, topk_ids, w2, gate_up_b) -> dict:
+    """The tuned launch config for this call's device and shapes (``torch_moe_lora/configs``)."""
+    rank = gate_up_b.shape[-1] if gate_up_b is not None else 0
+    return get_config(_device_name(x.device), w2.shape[0], x.shape[1], w2.shape[2], topk_ids.shape[1], rank, x.shape[0])
 
 
 def _lora_delta(xs, a, b, scale, gate_rows):

@@ -1,0 +1,174 @@
+"""The Triton kernels against the reference.
+
+On a GPU the kernels are compiled; without one they run in Triton's interpreter on CPU tensors
+(conftest sets TRITON_INTERPRET=1), on tiny shapes and in float32/float16 only, because the
+interpreter computes ``tl.dot`` on bfloat16 operands wrongly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from moe_problems import make_problem, problems
+from utils import HAS_CUDA, assert_close_verbose, requires_cuda
+
+from torch_moe_lora import fused_experts
+from torch_moe_lora.ops.fused_experts import launch_config
+from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
+from torch_moe_lora.reference import fused_experts_ref
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float32, torch.float16)
+
+
+def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16):
+    tile = dict(block_n=block_n, block_k=block_k, group_m=group_m, num_warps=4, num_stages=2)
+    return {
+        "block_m": block_m,
+        "gate_up": tile,
+        "down": tile,
+        "shrink": dict(block_r=block_r, block_k=block_k, num_warps=4, num_stages=2),
+        "sum": dict(block_n=64, num_warps=4),
+    }
+
+
+CONFIGS = {
+    "small": small_config(),
+    "wide": small_config(block_m=32, block_n=32, block_k=32, group_m=1, block_r=32),
+}
+
+
+def run_triton(problem, config, out=None):
+    lora = tuple(problem.lora) if problem.lora is not None else (None,) * 6
+    o = problem.options
+    return fused_experts_triton(
+        problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2,
+        problem.w13_bias, problem.w2_bias, problem.token_lora, *lora,
+        o["activation"], o["gated"], o["interleaved"], 1.702, 7.0, o["weight_on_input"],
+        config=config, out=out,
+    )  # fmt: skip
+
+
+def reference(problem):
+    return fused_experts_ref(
+        problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2, **problem.kwargs()
+    )
+
+
+@given(problem=problems(dtypes=DTYPES, max_tokens=40 if HAS_CUDA else 12), config=st.sampled_from(sorted(CONFIGS)))
+def test_kernels_match_reference(problem, config):
+    problem = problem.to(DEVICE)
+    out = torch.full_like(problem.x, float("nan"))
+    run_triton(problem, CONFIGS[config], out=out)
+    assert_close_verbose(out, reference(problem), problem.x.dtype, f"triton {config}")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(T=9, H=32, I=24, E=4, K=2, L=3, R=4),
+        dict(T=9, H=32, I=24, E=4, K=2, L=3, R=4, split_gate_up=True, bias=True, interleaved=True, activation="swigluoai", out_of_range_ids=True),
+        dict(T=5, H=24, I=16, E=3, K=3, L=0, R=4, gated=False, activation="relu2", weight_on_input=True),
+        dict(T=20, H=40, I=20, E=5, K=2, L=2, R=20, activation="gelu_tanh", dtype=torch.float16, weight_on_input=True),
+        dict(T=40, H=32, I=16, E=2, K=2, L=4, R=8, no_adapter_fraction=0.0),
+    ],
+    ids=["plain", "gpt_oss_like", "ungated", "rank20_fp16", "many_rows_per_block"],
+)
+def test_kernel_cases(case):
+    problem = make_problem(**case).to(DEVICE)
+    out = torch.full_like(problem.x, float("nan"))
+    run_triton(problem, CONFIGS["small"], out=out)
+    assert_close_verbose(out, reference(problem), problem.x.dtype, "case")
+
+
+def test_transposed_weights_read_in_place():
+    """GPT-OSS stores gate_up as [E, H, 2I]: the op reads the transposed view without a copy."""
+    problem = make_problem(T=7, H=32, I=16, E=3, K=2, L=2, R=4, interleaved=True, activation="swigluoai", bias=True)
+    problem = problem.to(DEVICE)
+    problem.w13 = problem.w13.transpose(1, 2).contiguous().transpose(1, 2)
+    problem.w2 = problem.w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not problem.w13.is_contiguous()
+    out = run_triton(problem, CONFIGS["small"])
+    assert_close_verbose(out, reference(problem), problem.x.dtype, "transposed weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the registered op, larger shapes, CUDA graphs, torch.compile.
+
+
+def poison_cache(nbytes=1 << 26):
+    """Fills freed caching-allocator memory with NaN so that a read of an unwritten buffer shows."""
+    torch.full((nbytes // 4,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 4, 64, 300, 2100])
+def test_op_on_gpu_realistic_shapes(dtype, T):
+    problem = make_problem(T=T, H=256, I=128, E=16, K=4, L=6, R=16, dtype=dtype, ranks=[16, 4, 8, 16, 1, 12]).to("cuda")
+    poison_cache()
+    out = fused_experts(problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2, **problem.kwargs())
+    assert_close_verbose(out, reference(problem), dtype, f"gpu T={T}")
+
+
+@requires_cuda
+@given(problem=problems(dtypes=DTYPES, max_tokens=300))
+def test_op_on_gpu_default_configs(problem):
+    problem = problem.to("cuda")
+    poison_cache()
+    out = fused_experts(problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2, **problem.kwargs())
+    assert_close_verbose(out, reference(problem), problem.x.dtype, "gpu default config")
+
+
+@requires_cuda
+def test_cuda_graph_replay_matches_eager():
+    problem = make_problem(T=48, H=128, I=64, E=8, K=2, L=4, R=8, dtype=torch.bfloat16).to("cuda")
+    args = (problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2)
+    kwargs = problem.kwargs()
+    eager = fused_experts(*args, **kwargs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused_experts(*args, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_experts(*args, **kwargs)
+    graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    # New routing, mapping and inputs in the same buffers: the replay follows them.
+    fresh = make_problem(T=48, H=128, I=64, E=8, K=2, L=4, R=8, dtype=torch.bfloat16, seed=7).to("cuda")
+    for name in ("x", "topk_ids", "topk_weights", "token_lora"):
+        getattr(problem, name).copy_(getattr(fresh, name))
+    graph.replay()
+    expected = fused_experts(problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2, **kwargs)
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_on_gpu(mode):
+    torch._dynamo.reset()
+    problem = make_problem(T=32, H=128, I=64, E=8, K=2, L=4, R=8, dtype=torch.bfloat16).to("cuda")
+
+    def layer(x, token_lora):
+        y = fused_experts(x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2, token_lora=token_lora, lora=problem.lora)
+        return torch.nn.functional.rms_norm(y + x, (x.shape[-1],))
+
+    compiled = torch.compile(layer, fullgraph=True, mode=None if mode == "default" else mode)
+    for mapping in (problem.token_lora, problem.token_lora.flip(0), torch.full_like(problem.token_lora, -1)):
+        for _ in range(3):
+            got = compiled(problem.x, mapping)
+        torch.testing.assert_close(got, layer(problem.x, mapping), rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+def test_launch_config_is_used_per_bucket():
+    small = make_problem(T=2, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
+    large = make_problem(T=5000, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
+    assert launch_config(small.x, small.topk_ids, small.w2, small.lora.gate_up_b)["block_m"] <= launch_config(
+        large.x, large.topk_ids, large.w2, large.lora.gate_up_b
+    )["block_m"]

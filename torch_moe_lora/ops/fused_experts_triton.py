@@ -1,0 +1,438 @@
+"""Triton kernels for the fused experts op on the GPU.
+
+The pairs (token, k) are first sorted by expert with ``align_block_size(pad_per_adapter=False)``:
+every block of ``BLOCK_M`` rows belongs to one expert, and inside an expert rows are ordered by
+adapter slot (adapter-less rows last). The base GEMMs therefore never pay for per-adapter padding;
+the LoRA terms loop over the few distinct slots present in a block, reading each (slot, expert)
+LoRA pair once per block.
+
+Kernels, in launch order:
+
+1. ``_lora_shrink_kernel`` on x:      ``s1[pos] = x[token(pos)] @ gate_up_a[slot, e]^T``
+2. ``_gate_up_kernel``:               ``h[pos] = act(w13[e] x + b13 + scale * gate_up_b s1)``
+3. ``_lora_shrink_kernel`` on h:      ``s2[pos] = h[pos] @ down_a[slot, e]^T``
+4. ``_down_kernel``:                  ``y[pair] = w * (w2[e] h + b2 + scale * down_b s2)``
+5. ``_sum_topk_kernel``:              ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
+
+``pos`` is a row of the sorted order; rows past ``num_blocks`` blocks are never touched (programs
+exit on the device, so grids are sized from static bounds and CUDA graphs can capture the launch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
+_NO_SLOT = 2**30
+
+
+@triton.jit
+def _block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr):
+    """Rows of one block: sorted positions, pair ids, validity, tokens and adapter slots (-1: none)."""
+    pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + pos)
+    valid = pair < num_pairs
+    token = tl.where(valid, pair // top_k, 0)
+    if HAS_LORA:
+        slot = tl.load(token_lora_ptr + token, mask=valid, other=-1).to(tl.int32)
+    else:
+        slot = tl.full((BLOCK_M,), -1, tl.int32)
+    return pos, pair, valid, token, slot
+
+
+@triton.jit
+def _first_slot(slot):
+    return tl.min(tl.where(slot >= 0, slot, _NO_SLOT))
+
+
+@triton.jit
+def _next_slot(slot, current):
+    return tl.min(tl.where(slot > current, slot, _NO_SLOT))
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    inp_ptr, a_ptr, out_ptr,
+    sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr,
+    num_pairs, top_k, in_features, rank,
+    stride_in_m, stride_in_k,
+    stride_a_l, stride_a_e, stride_a_r, stride_a_k,
+    stride_out_m, stride_out_r,
+    INPUT_BY_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``out[pos, r] = inp[row] . a[slot, e, r]`` for the rows of each block that have an adapter.
+
+    Grid: (max_blocks, cdiv(rank, BLOCK_R)). ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or
+    the sorted position (reading the gate_up activations).
+    """
+    block = tl.program_id(0)
+    if block >= tl.load(num_blocks_ptr):
+        return
+    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    pos, pair, valid, token, slot = _block_rows(
+        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True
+    )
+    row = token if INPUT_BY_TOKEN else pos
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    current = _first_slot(slot)
+    while current < _NO_SLOT:
+        in_slot = slot == current
+        a_base = a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            k = k0 + offs_k
+            xs = tl.load(
+                inp_ptr + row[:, None].to(tl.int64) * stride_in_m + k[None, :] * stride_in_k,
+                mask=in_slot[:, None] & (k[None, :] < in_features),
+                other=0.0,
+            )
+            a = tl.load(
+                a_base + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
+                mask=(offs_r[None, :] < rank) & (k[:, None] < in_features),
+                other=0.0,
+            )
+            acc += tl.dot(xs, a)
+        tl.store(
+            out_ptr + pos[:, None].to(tl.int64) * stride_out_m + offs_r[None, :] * stride_out_r,
+            acc,
+            mask=in_slot[:, None] & (offs_r[None, :] < rank),
+        )
+        current = _next_slot(slot, current)
+
+
+@triton.jit
+def _lora_expand(
+    acc, s_ptr, s_col0, b_base, slot, current, pos, b_rows, b_row_mask, rank, scale,
+    stride_s_m, stride_s_r, stride_b_n, stride_b_r,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``acc[m, n] += scale * sum_r s[pos_m, s_col0 + r] * b[b_rows_n, r]`` for rows of ``current``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    s = tl.load(
+        s_ptr + pos[:, None].to(tl.int64) * stride_s_m + (s_col0 + offs_r[None, :]) * stride_s_r,
+        mask=(slot == current)[:, None] & r_mask[None, :],
+        other=0.0,
+    )
+    b = tl.load(
+        b_base + offs_r[:, None] * stride_b_r + b_rows[None, :] * stride_b_n,
+        mask=r_mask[:, None] & b_row_mask[None, :],
+        other=0.0,
+    )
+    return acc + scale * tl.dot(s.to(b.dtype), b)
+
+
+@triton.jit
+def _activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+    if ACTIVATION == 5:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    if ACTIVATION == 0:
+        a = gate * tl.sigmoid(gate)
+    elif ACTIVATION == 1:
+        a = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        # 0.5 x (1 + tanh(z)) == x * sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3)
+        a = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+    elif ACTIVATION == 3:
+        a = tl.maximum(gate, 0.0)
+    else:
+        a = tl.maximum(gate, 0.0)
+        a = a * a
+    if GATED:
+        return a * up
+    return a
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, gu_scale_ptr, h_ptr,
+    sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
+    num_pairs, top_k, hidden, inter, rank, max_blocks, alpha, limit,
+    stride_x_m, stride_x_k,
+    stride_w_e, stride_w_n, stride_w_k,
+    stride_b13_e, stride_b13_n,
+    stride_s_m, stride_s_r,
+    stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+    stride_h_m, stride_h_n,
+    GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
+
+    Gate and up accumulate separately: gate row of column ``n`` is ``n`` (``2n`` interleaved), up
+    row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),).
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(inter, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
+    block = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    if block >= tl.load(num_blocks_ptr):
+        return
+    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    pos, pair, valid, token, slot = _block_rows(
+        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA
+    )
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter
+    if INTERLEAVED:
+        gate_rows = 2 * offs_n
+        up_rows = 2 * offs_n + 1
+    else:
+        gate_rows = offs_n
+        up_rows = inter + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + token[:, None].to(tl.int64) * stride_x_m
+    w_base = w13_ptr + expert * stride_w_e
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < hidden
+        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w_gate = tl.load(
+            w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc_gate += tl.dot(xs, w_gate)
+        if GATED:
+            w_up = tl.load(
+                w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+                mask=n_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            acc_up += tl.dot(xs, w_up)
+    if HAS_LORA:
+        if SPLIT_GATE_UP:
+            up_col0 = rank
+        else:
+            up_col0 = 0
+        current = _first_slot(slot)
+        while current < _NO_SLOT:
+            scale = tl.load(gu_scale_ptr + current)
+            b_base = gu_b_ptr + current.to(tl.int64) * stride_gb_l + expert * stride_gb_e
+            acc_gate = _lora_expand(
+                acc_gate, s1_ptr, 0, b_base, slot, current, pos, gate_rows, n_mask, rank, scale,
+                stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R,
+            )  # fmt: skip
+            if GATED:
+                acc_up = _lora_expand(
+                    acc_up, s1_ptr, up_col0, b_base, slot, current, pos, up_rows, n_mask,
+                    rank, scale, stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R,
+                )  # fmt: skip
+            current = _next_slot(slot, current)
+    if WEIGHT_ON_INPUT:
+        w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        acc_gate *= w[:, None]
+        acc_up *= w[:, None]
+    if HAS_BIAS:
+        b_base = b13_ptr + expert * stride_b13_e
+        acc_gate += tl.load(b_base + gate_rows * stride_b13_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(b_base + up_rows * stride_b13_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    h = _activation(acc_gate, acc_up, ACTIVATION, GATED, alpha, limit)
+    tl.store(
+        h_ptr + pos[:, None].to(tl.int64) * stride_h_m + offs_n[None, :] * stride_h_n,
+        h.to(h_ptr.dtype.element_ty),
+        mask=valid[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, d_scale_ptr, y_ptr,
+    sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
+    num_pairs, top_k, hidden, inter, rank, max_blocks,
+    stride_h_m, stride_h_k,
+    stride_w_e, stride_w_n, stride_w_k,
+    stride_b2_e, stride_b2_n,
+    stride_s_m, stride_s_r,
+    stride_db_l, stride_db_e, stride_db_n, stride_db_r,
+    stride_y_m, stride_y_n,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(hidden, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
+    block = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    if block >= tl.load(num_blocks_ptr):
+        return
+    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    pos, pair, valid, token, slot = _block_rows(
+        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA
+    )
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + pos[:, None].to(tl.int64) * stride_h_m
+    w_base = w2_ptr + expert * stride_w_e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < inter
+        hs = tl.load(h_rows + k[None, :] * stride_h_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(
+            w_base + offs_n[None, :] * stride_w_n + k[:, None] * stride_w_k,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(hs, w)
+    if HAS_LORA:
+        current = _first_slot(slot)
+        while current < _NO_SLOT:
+            scale = tl.load(d_scale_ptr + current)
+            b_base = d_b_ptr + current.to(tl.int64) * stride_db_l + expert * stride_db_e
+            acc = _lora_expand(
+                acc, s2_ptr, 0, b_base, slot, current, pos, offs_n, n_mask, rank, scale,
+                stride_s_m, stride_s_r, stride_db_n, stride_db_r, BLOCK_R,
+            )  # fmt: skip
+            current = _next_slot(slot, current)
+    if HAS_BIAS:
+        acc += tl.load(b2_ptr + expert * stride_b2_e + offs_n * stride_b2_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if not WEIGHT_ON_INPUT:
+        acc *= tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + pair[:, None].to(tl.int64) * stride_y_m + offs_n[None, :] * stride_y_n,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=valid[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit
+def _sum_topk_kernel(
+    y_ptr, topk_ids_ptr, out_ptr, num_experts, hidden, top_k,
+    stride_y_m, stride_out_m,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``out[t, n] = sum_k y[t * K + k, n]`` over the k whose expert is in ``[0, num_experts)``."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, top_k):
+        expert = tl.load(topk_ids_ptr + token * top_k + k)
+        if (expert >= 0) & (expert < num_experts):
+            acc += tl.load(y_ptr + (token * top_k + k) * stride_y_m + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out_m + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _launch_options(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def fused_experts_triton(
+    x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
+    gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
+    activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
+    config: dict,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Runs the five kernels; arguments as ``moe_lora::fused_experts`` (already validated).
+
+    ``config`` holds ``block_m`` and per-kernel tile sizes (see ``torch_moe_lora/configs``); ``out``
+    is an optional ``[T, H]`` output buffer. All buffers are sized from static bounds; nothing here
+    reads device data on the host.
+    """
+    from .align import align_block_size
+
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    num_experts, inter = w2.shape[0], w2.shape[2]
+    num_pairs = num_tokens * top_k
+    out = torch.empty_like(x) if out is None else out
+    if num_tokens == 0:
+        return out
+    has_lora = gate_up_a is not None and token_lora is not None
+    num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
+    block_m = config["block_m"]
+    sorted_pair_ids, expert_of_block, _, num_blocks = align_block_size(
+        topk_ids, token_lora if has_lora else None, num_experts, num_slots, block_m, pad_per_adapter=False
+    )
+    max_blocks = expert_of_block.shape[0]
+    num_rows = sorted_pair_ids.shape[0]
+    h = x.new_empty(num_rows, inter)
+    y = x.new_empty(num_pairs, hidden)
+    dummy = x.new_empty(1)
+    if has_lora:
+        rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
+        s1 = torch.empty(num_rows, gate_up_a.shape[2], dtype=torch.float32, device=x.device)
+        s2 = torch.empty(num_rows, down_rank, dtype=torch.float32, device=x.device)
+        _shrink(x, gate_up_a, s1, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, True, block_m, config["shrink"])
+    else:
+        rank = down_rank = 0
+        s1 = s2 = dummy
+    row_args = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
+    lora_gu = (gate_up_b, gate_up_scale) if has_lora else (dummy, dummy)
+    gu_b = lora_gu[0]
+    gu_strides = gu_b.stride() if has_lora else (0, 0, 0, 0)
+    cfg = config["gate_up"]
+    grid = (max_blocks * triton.cdiv(inter, cfg["block_n"]),)
+    b13 = w13_bias if w13_bias is not None else dummy
+    _gate_up_kernel[grid](
+        x, w13, b13, s1, gu_b, lora_gu[1], h, *row_args,
+        num_pairs, top_k, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
+        x.stride(0), x.stride(1), *w13.stride(),
+        *(w13_bias.stride() if w13_bias is not None else (0, 0)),
+        *(s1.stride() if has_lora else (0, 0)), *gu_strides, *h.stride(),
+        GATED=gated, INTERLEAVED=interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
+        HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(rank),
+        GROUP_M=cfg["group_m"], **_launch_options(cfg),
+    )  # fmt: skip
+    if has_lora:
+        _shrink(h, down_a, s2, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, False, block_m, config["shrink"])
+    lora_d = (down_b, down_scale) if has_lora else (dummy, dummy)
+    cfg = config["down"]
+    grid = (max_blocks * triton.cdiv(hidden, cfg["block_n"]),)
+    b2 = w2_bias if w2_bias is not None else dummy
+    _down_kernel[grid](
+        h, w2, b2, s2, lora_d[0], lora_d[1], y, *row_args,
+        num_pairs, top_k, hidden, inter, down_rank, max_blocks,
+        *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
+        *(s2.stride() if has_lora else (0, 0)), *(down_b.stride() if has_lora else (0, 0, 0, 0)), *y.stride(),
+        HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
+        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(down_rank),
+        GROUP_M=cfg["group_m"], **_launch_options(cfg),
+    )  # fmt: skip
+    cfg = config["sum"]
+    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
+        y, topk_ids, out, num_experts, hidden, top_k, y.stride(0), out.stride(0),
+        BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def _rank_block(rank: int) -> int:
+    """The rank tile of the LoRA expand: a power of two >= 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+def _shrink(inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, by_token, block_m, cfg):
+    rank_total, in_features = a.shape[2], a.shape[3]
+    block_r = min(cfg["block_r"], _rank_block(rank_total))
+    grid = (expert_of_block.shape[0], triton.cdiv(rank_total, block_r))
+    _lora_shrink_kernel[grid](
+        inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
+        num_pairs, top_k, in_features, rank_total,
+        inp.stride(0), inp.stride(1), *a.stride(), *out.stride(),
+        INPUT_BY_TOKEN=by_token, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg["block_k"],
+        **_launch_options(cfg),
+    )  # fmt: skip
