@@ -183,6 +183,28 @@ def test_many_groups(device, num_experts, pad_per_adapter):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pad_per_adapter", [True, False])
+@pytest.mark.parametrize("num_experts", [64, 1024])
+def test_large_batch(device, num_experts, pad_per_adapter):
+    """More pairs than one CUDA block handles: the grid-wide count (with per-block histograms for
+    E=64, with global atomics for E=1024 x 16 slots, 64 KB of counters) and scatter."""
+    problem = AlignProblem(
+        num_tokens=2048,
+        top_k=8,
+        num_experts=num_experts,
+        max_loras=16,
+        block_size=64,
+        pad_per_adapter=pad_per_adapter,
+        used_experts=num_experts,
+        invalid_fraction=0.05,
+        id_dtype=torch.int64,
+        lora_dtype=torch.int32,
+        seed=3,
+    )
+    check_problem(problem, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_hot_expert(device):
     """Every pair on one expert and one slot: one long group, many blocks found by one binary search each."""
     topk_ids = torch.full((300, 3), 7, dtype=torch.int64, device=device)
@@ -321,11 +343,12 @@ def test_compile_fullgraph_matches_eager():
 
 
 @requires_cuda
-@pytest.mark.parametrize("num_experts", [64, 4096])
-def test_cuda_graph_replay(num_experts):
-    """The op captures into a CUDA graph (no host syncs, static sizes) and replays on new inputs."""
+@pytest.mark.parametrize("num_experts,shape", [(64, (128, 4)), (4096, (128, 4)), (128, (2048, 8))])
+def test_cuda_graph_replay(num_experts, shape):
+    """The op captures into a CUDA graph (no host syncs, static sizes) and replays on new inputs,
+    on the single-block path and the grid path."""
     generator = torch.Generator().manual_seed(2)
-    max_loras, block_size, shape = 8, 16, (128, 4)
+    max_loras, block_size = 8, 16
 
     def draw():
         topk_ids = torch.randint(0, num_experts, shape, generator=generator, dtype=torch.int32)

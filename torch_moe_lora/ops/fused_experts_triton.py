@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
-_NO_SLOT = 2**30
+_NO_SLOT = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _lora_shrink_kernel(
     stride_in_m, stride_in_k,
     stride_a_l, stride_a_e, stride_a_r, stride_a_k,
     stride_out_m, stride_out_r,
-    INPUT_BY_TOKEN: tl.constexpr,
+    INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[pos, r] = inp[row] . a[slot, e, r]`` for the rows of each block that have an adapter.
@@ -95,7 +95,7 @@ def _lora_shrink_kernel(
                 mask=(offs_r[None, :] < rank) & (k[:, None] < in_features),
                 other=0.0,
             )
-            acc += tl.dot(xs, a)
+            acc += tl.dot(xs, a, input_precision=PRECISION)
         tl.store(
             out_ptr + pos[:, None].to(tl.int64) * stride_out_m + offs_r[None, :] * stride_out_r,
             acc,
@@ -108,7 +108,7 @@ def _lora_shrink_kernel(
 def _lora_expand(
     acc, s_ptr, s_col0, b_base, slot, current, pos, b_rows, b_row_mask, rank, scale,
     stride_s_m, stride_s_r, stride_b_n, stride_b_r,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``acc[m, n] += scale * sum_r s[pos_m, s_col0 + r] * b[b_rows_n, r]`` for rows of ``current``."""
     offs_r = tl.arange(0, BLOCK_R)
@@ -123,7 +123,7 @@ def _lora_expand(
         mask=r_mask[:, None] & b_row_mask[None, :],
         other=0.0,
     )
-    return acc + scale * tl.dot(s.to(b.dtype), b)
+    return acc + scale * tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -162,7 +162,7 @@ def _gate_up_kernel(
     stride_h_m, stride_h_n,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
@@ -205,14 +205,14 @@ def _gate_up_kernel(
             mask=n_mask[None, :] & k_mask[:, None],
             other=0.0,
         )
-        acc_gate += tl.dot(xs, w_gate)
+        acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
         if GATED:
             w_up = tl.load(
                 w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
                 mask=n_mask[None, :] & k_mask[:, None],
                 other=0.0,
             )
-            acc_up += tl.dot(xs, w_up)
+            acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
         if SPLIT_GATE_UP:
             up_col0 = rank
@@ -224,12 +224,12 @@ def _gate_up_kernel(
             b_base = gu_b_ptr + current.to(tl.int64) * stride_gb_l + expert * stride_gb_e
             acc_gate = _lora_expand(
                 acc_gate, s1_ptr, 0, b_base, slot, current, pos, gate_rows, n_mask, rank, scale,
-                stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R,
+                stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
             )  # fmt: skip
             if GATED:
                 acc_up = _lora_expand(
                     acc_up, s1_ptr, up_col0, b_base, slot, current, pos, up_rows, n_mask,
-                    rank, scale, stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R,
+                    rank, scale, stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
                 )  # fmt: skip
             current = _next_slot(slot, current)
     if WEIGHT_ON_INPUT:
@@ -260,7 +260,7 @@ def _down_kernel(
     stride_s_m, stride_s_r,
     stride_db_l, stride_db_e, stride_db_n, stride_db_r,
     stride_y_m, stride_y_n,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -293,7 +293,7 @@ def _down_kernel(
             mask=n_mask[None, :] & k_mask[:, None],
             other=0.0,
         )
-        acc += tl.dot(hs, w)
+        acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA:
         current = _first_slot(slot)
         while current < _NO_SLOT:
@@ -301,7 +301,7 @@ def _down_kernel(
             b_base = d_b_ptr + current.to(tl.int64) * stride_db_l + expert * stride_db_e
             acc = _lora_expand(
                 acc, s2_ptr, 0, b_base, slot, current, pos, offs_n, n_mask, rank, scale,
-                stride_s_m, stride_s_r, stride_db_n, stride_db_r, BLOCK_R,
+                stride_s_m, stride_s_r, stride_db_n, stride_db_r, BLOCK_R, PRECISION,
             )  # fmt: skip
             current = _next_slot(slot, current)
     if HAS_BIAS:
@@ -393,7 +393,7 @@ def fused_experts_triton(
         *(s1.stride() if has_lora else (0, 0)), *gu_strides, *h.stride(),
         GATED=gated, INTERLEAVED=interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
-        ACTIVATION=ACTIVATION_CODES[activation],
+        ACTIVATION=ACTIVATION_CODES[activation], PRECISION=_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(rank),
         GROUP_M=cfg["group_m"], **_launch_options(cfg),
     )  # fmt: skip
@@ -409,7 +409,7 @@ def fused_experts_triton(
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *(s2.stride() if has_lora else (0, 0)), *(down_b.stride() if has_lora else (0, 0, 0, 0)), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
-        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(down_rank),
+        PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(down_rank),
         GROUP_M=cfg["group_m"], **_launch_options(cfg),
     )  # fmt: skip
     cfg = config["sum"]
@@ -418,6 +418,11 @@ def fused_experts_triton(
         BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 operands multiply in full precision (as torch's default matmul does), not tf32."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _rank_block(rank: int) -> int:
@@ -433,6 +438,6 @@ def _shrink(inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lor
         inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
         num_pairs, top_k, in_features, rank_total,
         inp.stride(0), inp.stride(1), *a.stride(), *out.stride(),
-        INPUT_BY_TOKEN=by_token, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg["block_k"],
+        INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg["block_k"],
         **_launch_options(cfg),
     )  # fmt: skip
