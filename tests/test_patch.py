@@ -1,0 +1,308 @@
+"""``patch_model`` against PEFT itself, on tiny random models of every registered family.
+
+For each family three adapters are made with PEFT (experts through ``target_parameters``, attention,
+shared-expert and dense-MLP linears through ``target_modules``; random non-zero B; different ranks;
+one with ``rank_pattern``/``alpha_pattern``, one with ``use_rslora``) and saved. The patched model
+runs a mixed batch (rows on different adapters, one on none) and must give, row by row, the logits
+and greedy tokens of the PEFT model of that row's adapter run alone. Also: live load/unload,
+``torch.compile`` without graph breaks or recompiles, the batch checks, ``unpatch``, and
+``MultiLoRALinear`` against a per-token loop. Runs on transformers 5.17 and 5.24.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from unittest import mock
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from test_models import COMMON, TINY, tiny_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+from utils import seed_all
+
+from torch_moe_lora import patch_model
+from torch_moe_lora.linear import MultiLoRALinear, RowSlots
+from torch_moe_lora.models import find_moe_blocks
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+LINEARS = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+    "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate",
+]  # fmt: skip
+# LoraConfig arguments of the three adapters every family gets (names absent from a family are skipped).
+ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=LINEARS, target_parameters=EXPERTS),
+    "b": dict(
+        r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "kv_b_proj", "out_proj", "down_proj"],
+        target_parameters=EXPERTS, rank_pattern={"experts.down_proj": 5, "o_proj": 3},
+        alpha_pattern={"experts.gate_up_proj": 7, "q_proj": 1},
+    ),
+    "c": dict(
+        r=3, lora_alpha=6, use_rslora=True, target_modules=["v_proj", "kv_a_proj_with_mqa", "in_proj_qkvz", "up_proj"],
+        target_parameters=["experts.down_proj"],
+    ),
+}  # fmt: skip
+ROWS = ["a", "b", None, "c"]
+GENERATE = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+@contextlib.contextmanager
+def no_v4_renaming():
+    """PEFT's LoRA layers without its transformers-4-to-5 target renaming.
+
+    PEFT 0.21 reads ``gate_proj``/``up_proj``/``down_proj`` in ``target_modules`` as the per-expert
+    modules of 4.x checkpoints for the families it converts (Mixtral and the Qwen2-MoE group), even
+    when they name real ``nn.Linear`` shared experts or dense MLPs; it then targets the experts instead
+    (or refuses ``up_proj`` alone). With the renaming off PEFT targets exactly the named linears.
+    """
+    with mock.patch("peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers"):
+        yield
+
+
+def make_peft_adapters(family: str, root, configs: dict = ADAPTERS) -> dict[str, tuple[str, nn.Module]]:
+    """Adapters made and saved by PEFT: name -> (directory, the PEFT model that made it)."""
+    made = {}
+    for seed, (name, kwargs) in enumerate(configs.items(), start=100):
+        model = tiny_model(family)
+        torch.manual_seed(seed)
+        with no_v4_renaming():
+            peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **kwargs)).eval()
+        path = str(root / name)
+        peft_model.save_pretrained(path)
+        made[name] = (path, peft_model)
+    return made
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tmp_path_factory):
+    """``peft_adapters(family)``: that family's ``make_peft_adapters``, built once per module."""
+    cache = {}
+
+    def build(family: str):
+        if family not in cache:
+            cache[family] = make_peft_adapters(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return build
+
+
+def batch_ids(rows: int = len(ROWS), length: int = 7) -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (rows, length), generator=torch.Generator().manual_seed(1))
+
+
+def row_references(rows, models: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, S, V]`` and greedy tokens ``[B, S + n]`` of each row run alone on its own model."""
+    logits, tokens = [], []
+    with torch.no_grad():
+        for row, name in enumerate(rows):
+            model = models[name]
+            logits.append(model(input_ids=ids[row : row + 1]).logits[0])
+            tokens.append(model.generate(input_ids=ids[row : row + 1], **GENERATE)[0])
+    return torch.stack(logits), torch.stack(tokens)
+
+
+def assert_rows_match(out: torch.Tensor, ref: torch.Tensor, rows, what: str, rel: float = 1e-4) -> None:
+    """Row-wise max |out - ref| <= rel * max |ref| (float32); prints every row's difference."""
+    scale = ref.abs().max().item()
+    diffs = (out.double() - ref.double()).abs().amax(dim=tuple(range(1, out.dim())))
+    print(
+        f"{what}: logit scale {scale:.3e}, max |diff| per row " + ", ".join(f"{r}={d:.2e}" for r, d in zip(rows, diffs))
+    )
+    assert diffs.max().item() <= rel * scale, what
+
+
+def linear_names(handle) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name in handle._linears}
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_mixed_batch_matches_peft(family, peft_adapters):
+    made = peft_adapters(family)
+    base = tiny_model(family)
+    models = {None: base, **{name: peft_model for name, (_, peft_model) in made.items()}}
+    ids = batch_ids()
+    ref_logits, ref_tokens = row_references(ROWS, models, ids)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+
+    model = tiny_model(family)
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+    assert handle.adapter_names == list(ADAPTERS) and handle.max_rank == 5 and handle.max_loras == 3
+    assert {"q_proj", "v_proj"} & linear_names(handle) or {"kv_a_proj_with_mqa"} & linear_names(handle)
+    with torch.no_grad(), handle.adapters(ROWS):
+        logits = model(ids).logits
+        tokens = model.generate(ids, **GENERATE)
+    assert_rows_match(logits, ref_logits, ROWS, f"{family} mixed batch vs PEFT")
+    lora_effect = (ref_logits - base_logits).abs().amax(dim=(1, 2))
+    assert all(lora_effect[i] > 0.05 * ref_logits.abs().max() for i, n in enumerate(ROWS) if n is not None)
+    assert torch.equal(tokens, ref_tokens), f"{family}: greedy tokens {tokens.tolist()} != PEFT {ref_tokens.tolist()}"
+
+    with torch.no_grad():
+        unmapped = model(ids).logits
+        with handle.adapters([None] * len(ROWS)):
+            all_none = model(ids).logits
+    assert_rows_match(unmapped, base_logits, ROWS, f"{family} no mapping vs unpatched", rel=1e-5)
+    assert_rows_match(all_none, base_logits, ROWS, f"{family} all rows None vs unpatched", rel=1e-5)
+
+
+def test_load_and_unload_live(peft_adapters):
+    family = "qwen3_moe"
+    made = peft_adapters(family)
+    models = {None: tiny_model(family), **{name: peft_model for name, (_, peft_model) in made.items()}}
+    ids = batch_ids()
+    model = tiny_model(family)
+    handle = patch_model(model, {"a": made["a"][0], "b": made["b"][0]}, max_loras=3, max_rank=5)
+
+    def run(rows):
+        ref = torch.stack([models[n](input_ids=ids[i : i + 1]).logits[0] for i, n in enumerate(rows)])
+        with handle.adapters(rows):
+            out = model(ids).logits
+        assert_rows_match(out, ref, rows, f"live {rows}")
+
+    with torch.no_grad():
+        run(["a", "b", None, "a"])
+        assert handle.load_adapter("c", made["c"][0]) == 2
+        run(["c", "a", None, "b"])
+        handle.unload_adapter("b")
+        assert handle.adapter_names == ["a", "c"]
+        run(["c", None, "a", "a"])
+        with handle.adapters(["c", None, "a", "a"]), pytest.raises(ValueError, match="'c' is mapped"):
+            handle.unload_adapter("c")
+        assert handle.load_adapter("b2", made["b"][0]) == 1
+        with pytest.raises(ValueError, match="all 3 slots are used"):
+            handle.load_adapter("d", made["c"][0])
+        with pytest.raises(ValueError, match="'a' is already loaded"):
+            handle.load_adapter("a", made["a"][0])
+        models["b2"] = models["b"]
+        run(["b2", "c", "a", None])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "deepseek_v3", "gpt_oss", "llama4"])
+def test_compile_has_no_graph_break_or_recompile(family, peft_adapters):
+    """``torch.compile(fullgraph=True)`` traces the patched model in one graph; remapping rows and
+    loading an adapter into a free slot reuse it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    made = peft_adapters(family)
+    model = tiny_model(family)
+    handle = patch_model(model, {"a": made["a"][0], "b": made["b"][0]}, max_loras=3, max_rank=5)
+    ids = batch_ids()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for rows, load in ((["a", "b", None, "a"], None), (["b", None, "a", "a"], None), (["c", "a", None, "b"], "c")):
+            if load:
+                handle.load_adapter(load, made[load][0])
+            handle.set_adapters(rows)
+            out, ref = compiled(ids).logits, model(ids).logits
+            assert_rows_match(out, ref, rows, f"{family} compiled vs eager", rel=1e-5)
+    print(f"{family}: frames compiled {backend.frame_count}, counters {dict(torch._dynamo.utils.counters)}")
+    assert backend.frame_count == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
+
+
+def test_batch_must_match_the_mapping(peft_adapters):
+    made = peft_adapters("qwen3_moe")
+    model = tiny_model("qwen3_moe")
+    handle = patch_model(model, {"a": made["a"][0]})
+    with handle.adapters(["a", None, "a", None]), torch.no_grad():
+        with pytest.raises(ValueError, match="batch has 2 rows but set_adapters was given 4"):
+            model(batch_ids(2))
+        with pytest.raises(KeyError, match="'zzz'"):
+            handle.set_adapters(["zzz"] * 4)
+    with pytest.raises(ValueError, match="not a multiple of the 3 batch rows"):
+        handle.row_slots.set([0, 0, -1], torch.device("cpu"))
+        handle.row_slots.token_slots(7, torch.device("cpu"))
+
+
+def test_unpatch_restores_the_model(peft_adapters):
+    made = peft_adapters("llama4")
+    model = tiny_model("llama4")
+    ids = batch_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+        assert model.state_dict().keys() == state.keys()
+        assert handle.unpatch() is model
+        assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+        assert torch.equal(model(ids).logits, expected)
+    patch_model(model, {"a": made["a"][0]})
+
+
+def test_patch_refusals():
+    model = tiny_model("qwen3_moe")
+    with pytest.raises(NotImplementedError, match="process_group"):
+        patch_model(model, {}, max_loras=2, max_rank=4, process_group=object())
+    with pytest.raises(ValueError, match="give max_loras and max_rank"):
+        patch_model(model, {})
+    dense = AutoModelForCausalLM.from_config(transformers.LlamaConfig(**COMMON, intermediate_size=48))
+    with pytest.raises(NotImplementedError, match="has no supported MoE block"):
+        patch_model(dense, {}, max_loras=1, max_rank=1)
+    patch_model(model, {}, max_loras=1, max_rank=2)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, {}, max_loras=1, max_rank=2)
+
+
+def test_multi_lora_linear_matches_a_token_loop():
+    seed_all(0)
+    linear = nn.Linear(12, 10)
+    row_slots = RowSlots()
+    wrapped = MultiLoRALinear(linear, num_slots=3, max_rank=4, row_slots=row_slots)
+    loras = {slot: (torch.randn(rank, 12), torch.randn(10, rank), 0.5 * slot + 0.25) for slot, rank in ((0, 4), (2, 1))}
+    for slot, (a, b, scale) in loras.items():
+        wrapped.set_slot(slot, a, b, scale)
+    x = torch.randn(4, 5, 12)
+    assert torch.equal(wrapped(x), linear(x))
+    row_slot = [2, -1, 0, 1]
+    row_slots.set(row_slot, torch.device("cpu"))
+    out = wrapped(x)
+    for row, slot in enumerate(row_slot):
+        expected = linear(x[row])
+        if slot in loras:
+            a, b, scale = loras[slot]
+            expected = expected + scale * (x[row] @ a.T) @ b.T
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+    assert wrapped.state_dict().keys() == linear.state_dict().keys()
+    with pytest.raises(ValueError, match="rank 5 > max_rank 4"):
+        wrapped.set_slot(1, torch.randn(5, 12), torch.randn(10, 5), 1.0)
+
+
+def test_routing_and_dense_layers_stay_the_models_own(peft_adapters):
+    """Only targeted linears are wrapped; routers, experts' parameters and the rest are untouched."""
+    made = peft_adapters("deepseek_v3")
+    model = tiny_model("deepseek_v3")
+    params = dict(model.named_parameters())
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())
+    wrapped = set(handle._linears)
+    assert "model.layers.1.mlp.shared_experts.gate_proj" in wrapped and "model.layers.0.mlp.down_proj" in wrapped
+    assert not any(name.endswith(".gate") for name in wrapped)
+    assert [b.name for b in find_moe_blocks(model)] == [b.name for b in handle.blocks]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4"])
+def test_bfloat16_error_is_pefts_own(family, peft_adapters):
+    """In bfloat16 the patched model's error against PEFT in float32 is at most 2x PEFT's bfloat16 error."""
+    made = peft_adapters(family)
+    ids = batch_ids()
+    with torch.no_grad():
+        fp32 = {None: tiny_model(family), **{n: m for n, (_, m) in made.items()}}
+        ref32 = torch.stack([fp32[n](input_ids=ids[i : i + 1]).logits[0] for i, n in enumerate(ROWS)])
+        bf16 = {n: copy.deepcopy(m).to(torch.bfloat16) for n, m in fp32.items()}
+        peft16 = torch.stack([bf16[n](input_ids=ids[i : i + 1]).logits[0].float() for i, n in enumerate(ROWS)])
+        model = tiny_model(family).to(torch.bfloat16)
+        handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+        with handle.adapters(ROWS):
+            ours16 = model(ids).logits.float()
+    ours_error, peft_error = (ours16 - ref32).abs().max().item(), (peft16 - ref32).abs().max().item()
+    print(f"{family} bfloat16: max |error| vs float32 PEFT: ours {ours_error:.3e}, PEFT's own {peft_error:.3e}")
+    assert ours_error <= 2 * peft_error

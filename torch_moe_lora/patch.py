@@ -1,0 +1,342 @@
+"""Patching a Hugging Face MoE model for multi-LoRA inference, and the handle that drives it.
+
+``patch_model`` finds every MoE block (``models.find_moe_blocks``), gives each one an
+``ExpertLoRASlots`` table and routes its experts through ``fused_experts``: interface blocks by the
+``moe_lora`` experts implementation registered in transformers' ``ALL_EXPERTS_FUNCTIONS``, whole
+blocks (Llama 4) by replacing the block's forward with ``models.whole_block_forward``. Routing stays
+the model's own. Targeted ``nn.Linear`` layers are swapped for ``MultiLoRALinear``. Every table is
+allocated once; loading, unloading and remapping adapters copy into them in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .adapters import AdapterLoRA, read_adapter
+from .linear import MultiLoRALinear, RowSlots
+from .lora import ExpertLoRASlots
+from .models import ExpertsSpec, MoEBlock, find_moe_blocks, whole_block_forward
+from .ops.fused_experts import fused_experts
+from .reference import gate_rows_ref
+
+EXPERTS_IMPLEMENTATION = "moe_lora"
+"""The name of our experts implementation in ``ALL_EXPERTS_FUNCTIONS``."""
+
+_STATE_ATTR = "_moe_lora"
+
+
+class _ExpertsLoRA:
+    """What the patched experts of one block read: their spec, LoRA table and the row mapping."""
+
+    def __init__(self, spec: ExpertsSpec, table: ExpertLoRASlots, row_slots: RowSlots):
+        self.spec, self.table, self.row_slots = spec, table, row_slots
+
+    def __call__(self, experts: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        token_lora = self.row_slots.token_slots(x.shape[0], x.device)
+        lora = None if token_lora is None else self.table.weights
+        return fused_experts(
+            x, topk_ids, topk_weights, token_lora=token_lora, lora=lora, **self.spec.op_kwargs(experts)
+        )
+
+
+def moe_lora_experts(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The ``moe_lora`` experts implementation: ``fused_experts`` with the module's LoRA table.
+
+    Args:
+        experts: a patched interface experts module.
+        hidden_states: ``[T, H]``; top_k_index: ``[T, K]`` int64; top_k_weights: ``[T, K]`` float.
+
+    Returns:
+        ``[T, H]`` in ``hidden_states.dtype``.
+    """
+    return getattr(experts, _STATE_ATTR)(experts, hidden_states, top_k_index, top_k_weights)
+
+
+def _is_interface_block(block: MoEBlock) -> bool:
+    return block.family.whole_block is None
+
+
+def _check_rank(adapter: AdapterLoRA, max_rank: int, joined: bool = False) -> None:
+    if adapter.rank <= max_rank:
+        return
+    how = (
+        " (its per-expert gate and up LoRAs joined into one gate_up LoRA of rank r_gate + r_up: the tables "
+        "were built without separate gate/up slots)"
+        if joined
+        else ""
+    )
+    raise ValueError(f"adapter {adapter.name!r}: rank {adapter.rank}{how} > the tables' max_rank {max_rank}")
+
+
+class MoELoRAModel:
+    """Handle of a patched model: loads, unloads and maps adapters while the model runs.
+
+    Attributes:
+        model: the patched model (call it, or its ``generate``, as usual).
+        max_loras: ``L``, adapter slots per layer.
+        max_rank: ``R``, the largest adapter rank the tables hold.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[MoEBlock], max_loras: int, max_rank: int, split_gate_up: bool):
+        self.model, self.blocks, self.max_loras, self.max_rank = model, blocks, max_loras, max_rank
+        self.device = blocks[0].spec.w13(blocks[0].experts).device
+        self.row_slots = RowSlots()
+        self._slot_of: dict[str, int] = {}
+        self._row_names: list[str | None] | None = None
+        self._linears: dict[str, tuple[nn.Linear, MultiLoRALinear]] = {}
+        self._tables: dict[str, ExpertLoRASlots] = {}
+        self._previous_implementation: dict[int, tuple[object, str | None]] = {}
+        for block in blocks:
+            w13, w2 = block.spec.w13(block.experts), block.spec.w2(block.experts)
+            self._tables[block.name] = ExpertLoRASlots(
+                max_loras, w2.shape[0], w2.shape[1], w2.shape[2], max_rank,
+                gated=block.spec.gated, interleaved=block.spec.interleaved, split_gate_up=split_gate_up,
+                dtype=w13.dtype, device=w13.device,
+            )  # fmt: skip
+        self._patch_blocks()
+        self._batch_hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
+
+    # --- patching -------------------------------------------------------------------------------
+
+    def _patch_blocks(self) -> None:
+        ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
+        for block in self.blocks:
+            state = _ExpertsLoRA(block.spec, self._tables[block.name], self.row_slots)
+            setattr(block.experts, _STATE_ATTR, state)
+            if _is_interface_block(block):
+                config = block.experts.config
+                self._previous_implementation.setdefault(id(config), (config, config._experts_implementation))
+                config._experts_implementation = EXPERTS_IMPLEMENTATION
+            else:
+                experts_fn = functools.partial(state, block.experts)
+                block.block.forward = functools.partial(whole_block_forward, block.block, experts_fn=experts_fn)
+
+    def _wrap_linear(self, name: str) -> None:
+        if name in self._linears:
+            return
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        original = getattr(parent, child)
+        wrapped = MultiLoRALinear(original, self.max_loras, self.max_rank, self.row_slots)
+        setattr(parent, child, wrapped)
+        self._linears[name] = (original, wrapped)
+
+    def unpatch(self) -> nn.Module:
+        """Restores the model's own experts, block forwards and linears; the handle is then unusable.
+
+        Returns:
+            The model.
+        """
+        for config, implementation in self._previous_implementation.values():
+            config._experts_implementation = implementation
+        for block in self.blocks:
+            delattr(block.experts, _STATE_ATTR)
+            if not _is_interface_block(block):
+                del block.block.forward
+        for name, (original, _) in self._linears.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, original)
+        self._batch_hook.remove()
+        self._linears, self._tables, self._slot_of, self.blocks = {}, {}, {}, []
+        self.row_slots.clear()
+        return self.model
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def _check_patched(self) -> None:
+        if not self._tables:
+            raise RuntimeError("this MoELoRAModel was unpatched; patch the model again")
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the resident adapters, in slot order."""
+        return sorted(self._slot_of, key=self._slot_of.get)
+
+    def _read(self, name: str, source) -> AdapterLoRA:
+        """Reads and checks an adapter against the tables; raises before anything changes."""
+        self._check_patched()
+        adapter = read_adapter(name, source, self.model, self.blocks)
+        joined = adapter.split_gate_up and not next(iter(self._tables.values())).weights.split_gate_up
+        if joined:
+            experts = dict(adapter.experts)
+            for block in self.blocks:
+                if block.name in experts:
+                    rows = block.spec.w13(block.experts).shape[1]
+                    gate_rows = gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
+                    experts[block.name] = experts[block.name].joined(gate_rows)
+            adapter = adapter._replace(experts=experts)
+        _check_rank(adapter, self.max_rank, joined)
+        return adapter
+
+    def _write(self, slot: int, adapter: AdapterLoRA) -> None:
+        for name in adapter.linears:
+            self._wrap_linear(name)
+        for name, (_, linear) in self._linears.items():
+            lora = adapter.linears.get(name)
+            if lora is None:
+                linear.clear_slot(slot)
+            else:
+                linear.set_slot(slot, lora.a, lora.b, lora.scale)
+        for block_name, table in self._tables.items():
+            lora = adapter.experts.get(block_name)
+            if lora is None:
+                table.clear_slot(slot)
+                continue
+            as_table = dict(dtype=table.weights.gate_up_a.dtype, device=table.weights.gate_up_a.device)
+            pairs = {
+                role: tuple(t.to(**as_table) for t in pair)
+                for role, pair in (("gate_up", lora.gate_up), ("gate", lora.gate), ("up", lora.up), ("down", lora.down))
+                if pair is not None
+            }
+            table.set_slot(slot, **pairs, gate_up_scale=lora.gate_up_scale, down_scale=lora.down_scale)
+
+    def load_adapter(self, name: str, source) -> int:
+        """Loads an adapter into a free slot of every table, in place (a compiled model keeps its graphs).
+
+        Linears that no resident adapter targeted yet are wrapped on the way (a compiled model then
+        recompiles once). Nothing changes when the adapter is refused.
+
+        Args:
+            name: a new adapter name.
+            source: a PEFT adapter directory or a ``(state_dict, config)`` pair (see
+                ``adapters.read_adapter``).
+
+        Returns:
+            The slot it occupies.
+
+        Raises:
+            ValueError: the name is taken, every slot is used, the rank exceeds ``max_rank``, or the
+                adapter does not fit the model. NotImplementedError: an unsupported PEFT feature.
+        """
+        if name in self._slot_of:
+            raise ValueError(f"adapter {name!r} is already loaded (slot {self._slot_of[name]})")
+        free = [slot for slot in range(self.max_loras) if slot not in self._slot_of.values()]
+        if not free:
+            raise ValueError(
+                f"adapter {name!r}: all {self.max_loras} slots are used by {self.adapter_names}; unload one first"
+            )
+        adapter = self._read(name, source)
+        self._write(free[0], adapter)
+        self._slot_of[name] = free[0]
+        return free[0]
+
+    def unload_adapter(self, name: str) -> None:
+        """Zeros the adapter's slot in every table and frees it.
+
+        Raises:
+            KeyError: the adapter is not loaded. ValueError: the current mapping still uses it.
+        """
+        if name not in self._slot_of:
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.adapter_names}")
+        if self._row_names is not None and name in self._row_names:
+            raise ValueError(f"adapter {name!r} is mapped to batch rows by set_adapters; remap the rows first")
+        slot = self._slot_of.pop(name)
+        for _, linear in self._linears.values():
+            linear.clear_slot(slot)
+        for table in self._tables.values():
+            table.clear_slot(slot)
+
+    # --- mapping --------------------------------------------------------------------------------
+
+    def set_adapters(self, names: Sequence[str | None] | None) -> None:
+        """Chooses each batch row's adapter for the following forward passes.
+
+        Args:
+            names: one entry per batch row, an adapter name or None (the base model), or None to
+                remove the mapping (every row runs the base model, any batch size). The batch of
+                every following call must have ``len(names)`` rows.
+
+        Raises:
+            KeyError: a name that is not loaded.
+        """
+        self._check_patched()
+        if names is None:
+            self.row_slots.clear()
+            self._row_names = None
+            return
+        names = list(names)
+        unknown = sorted({n for n in names if n is not None and n not in self._slot_of})
+        if unknown:
+            raise KeyError(f"adapters {unknown} are not loaded; loaded: {self.adapter_names}")
+        slots = [-1 if n is None else self._slot_of[n] for n in names]
+        self.row_slots.set(slots, self.device)
+        self._row_names = names
+
+    @contextlib.contextmanager
+    def adapters(self, names: Sequence[str | None] | None) -> Iterator[None]:
+        """``set_adapters(names)`` for the duration of a ``with`` block, then the previous mapping."""
+        previous = self._row_names
+        self.set_adapters(names)
+        try:
+            yield
+        finally:
+            self.set_adapters(previous)
+
+    def _check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        row_slot = self.row_slots.row_slot
+        if row_slot is None:
+            return
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None and args:
+            inputs = args[0]
+        if isinstance(inputs, torch.Tensor) and inputs.shape[0] != row_slot.shape[0]:
+            raise ValueError(
+                f"the batch has {inputs.shape[0]} rows but set_adapters was given {row_slot.shape[0]} names; "
+                "give one adapter name (or None) per batch row"
+            )
+
+
+def patch_model(
+    model: nn.Module,
+    loras: Mapping[str, object],
+    *,
+    max_loras: int | None = None,
+    max_rank: int | None = None,
+    process_group=None,
+) -> MoELoRAModel:
+    """Patches ``model`` in place for per-row multi-LoRA inference and loads ``loras``.
+
+    Args:
+        model: a transformers MoE model of a family in ``models.FAMILIES`` (any dtype and device).
+        loras: adapter name -> PEFT adapter directory or ``(state_dict, config)`` pair; loaded into
+            slots ``0, 1, ...`` in order.
+        max_loras: slots per layer; defaults to ``len(loras)``.
+        max_rank: the largest rank the tables hold; defaults to the largest adapter rank.
+        process_group: tensor parallelism is not implemented yet; must be None.
+
+    Returns:
+        The ``MoELoRAModel`` handle (``set_adapters``, ``adapters``, ``load_adapter``, ...).
+
+    Raises:
+        NotImplementedError: ``process_group`` given; no supported MoE block; unsupported adapter
+            features. ValueError: adapters that do not fit the model or the tables.
+    """
+    if process_group is not None:
+        raise NotImplementedError("patch_model: tensor parallelism (process_group) is not implemented yet")
+    blocks = find_moe_blocks(model)
+    if any(hasattr(block.experts, _STATE_ATTR) for block in blocks):
+        raise ValueError(f"{type(model).__name__} is already patched; call unpatch() on its handle first")
+    adapters = {name: read_adapter(name, source, model, blocks) for name, source in loras.items()}
+    if not adapters and (max_loras is None or max_rank is None):
+        raise ValueError("patch_model: without adapters, give max_loras and max_rank")
+    max_loras = len(adapters) if max_loras is None else max_loras
+    max_rank = max(a.rank for a in adapters.values()) if max_rank is None else max_rank
+    if max_loras < len(adapters):
+        raise ValueError(f"patch_model: {len(adapters)} adapters do not fit max_loras={max_loras}")
+    for adapter in adapters.values():
+        _check_rank(adapter, max_rank)
+    handle = MoELoRAModel(model, blocks, max_loras, max_rank, any(a.split_gate_up for a in adapters.values()))
+    for slot, adapter in enumerate(adapters.values()):
+        handle._write(slot, adapter)
+        handle._slot_of[adapter.name] = slot
+    return handle
