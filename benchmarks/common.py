@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,17 +73,30 @@ class Ceilings:
 
 
 def measure_ceilings() -> Ceilings:
-    """Device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here."""
+    """Device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here.
+
+    Each runs for about a second first so that clocks settle; the best of several timings counts.
+    """
     src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms = time_graph([lambda: dst.copy_(src)], replays=10)
+    warm_up(lambda: dst.copy_(src), seconds=1.0)
+    ms = min(time_graph([lambda: dst.copy_(src)], replays=20) for _ in range(3))
     copy = 2 * src.numel() * src.element_size() / (ms * 1e-3)
     del src, dst
     n = 8192
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    ms = time_graph([lambda: a @ b], replays=10)
+    warm_up(lambda: a @ b, seconds=1.0)
+    ms = min(time_graph([lambda: a @ b], replays=20) for _ in range(3))
     return Ceilings(copy, 2 * n**3 / (ms * 1e-3))
+
+
+def warm_up(fn, seconds: float) -> None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
 
 
 def random_lora(num_slots, num_experts, hidden, inter, rank, dtype, device="cuda") -> LoRAWeights:

@@ -23,10 +23,11 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float32, torch.float16)
 
 
-def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16):
+def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16, sub_m=16):
     tile = dict(block_n=block_n, block_k=block_k, group_m=group_m, num_warps=4, num_stages=2)
     return {
         "block_m": block_m,
+        "sub_m": sub_m,
         "gate_up": tile,
         "down": tile,
         "shrink": dict(block_r=block_r, block_k=block_k, num_warps=4, num_stages=2),
@@ -37,6 +38,8 @@ def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16):
 CONFIGS = {
     "small": small_config(),
     "wide": small_config(block_m=32, block_n=32, block_k=32, group_m=1, block_r=32),
+    "four_subblocks": small_config(block_m=64, block_n=16, block_k=32, group_m=1),
+    "two_wide_subblocks": small_config(block_m=64, block_n=32, block_k=16, sub_m=32),
 }
 
 
@@ -78,9 +81,10 @@ def test_kernels_match_reference(problem, config):
 )
 def test_kernel_cases(case):
     problem = make_problem(**case).to(DEVICE)
-    out = torch.full_like(problem.x, float("nan"))
-    run_triton(problem, CONFIGS["small"], out=out)
-    assert_close_verbose(out, reference(problem), problem.x.dtype, "case")
+    for name, config in CONFIGS.items():
+        out = torch.full_like(problem.x, float("nan"))
+        run_triton(problem, config, out=out)
+        assert_close_verbose(out, reference(problem), problem.x.dtype, f"case, config {name}")
 
 
 def test_transposed_weights_read_in_place():
@@ -169,6 +173,6 @@ def test_torch_compile_on_gpu(mode):
 def test_launch_config_is_used_per_bucket():
     small = make_problem(T=2, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
     large = make_problem(T=5000, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
-    assert launch_config(small.x, small.topk_ids, small.w2, small.lora.gate_up_b)["block_m"] <= launch_config(
-        large.x, large.topk_ids, large.w2, large.lora.gate_up_b
+    assert launch_config(small.x, small.topk_ids, small.w2)["block_m"] <= launch_config(
+        large.x, large.topk_ids, large.w2
     )["block_m"]

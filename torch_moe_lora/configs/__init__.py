@@ -1,7 +1,7 @@
 """Tuned launch configs as data.
 
 ``<device>.json`` (device name with non-alphanumerics replaced by ``_``) maps a shape key
-``E=..,H=..,I=..,K=..,R=..`` to token-count buckets, each a config; ``default.json`` holds configs
+``E=..,H=..,I=..,K=..`` to token-count buckets, each a config; ``default.json`` holds configs
 by bucket for any device and shape without a tuned entry. ``benchmarks/tune.py`` writes device files.
 """
 
@@ -19,8 +19,8 @@ def device_file_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
 
 
-def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, rank: int) -> str:
-    return f"E={num_experts},H={hidden},I={inter},K={top_k},R={rank}"
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int) -> str:
+    return f"E={num_experts},H={hidden},I={inter},K={top_k}"
 
 
 @functools.cache
@@ -35,10 +35,10 @@ def _pick_bucket(buckets: dict, num_tokens: int) -> dict:
     return buckets[str(chosen)]
 
 
-def get_config(device_name: str | None, num_experts: int, hidden: int, inter: int, top_k: int, rank: int, num_tokens: int) -> dict:
+def get_config(device_name: str | None, num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int) -> dict:
     """The launch config for one call: the tuned entry for this device and shape if any, else the default."""
     if device_name is not None:
-        tuned = _load(device_file_name(device_name)).get(shape_key(num_experts, hidden, inter, top_k, rank))
+        tuned = _load(device_file_name(device_name)).get(shape_key(num_experts, hidden, inter, top_k))
         if tuned:
             return _pick_bucket(tuned, num_tokens)
     return _pick_bucket(_load("default.json")["buckets"], num_tokens)

@@ -181,7 +181,7 @@ def _(
         gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
     )  # fmt: skip
     check_fused_experts_args(*args, activation, gated)
-    config = launch_config(x, topk_ids, w2, gate_up_b)
+    config = launch_config(x, topk_ids, w2)
     return fused_experts_triton(
         *args, activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input, config=config
     )
@@ -192,10 +192,9 @@ def _device_name(device: torch.device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
-def launch_config(x, topk_ids, w2, gate_up_b) -> dict:
+def launch_config(x, topk_ids, w2) -> dict:
     """The tuned launch config for this call's device and shapes (``torch_moe_lora/configs``)."""
-    rank = gate_up_b.shape[-1] if gate_up_b is not None else 0
-    return get_config(_device_name(x.device), w2.shape[0], x.shape[1], w2.shape[2], topk_ids.shape[1], rank, x.shape[0])
+    return get_config(_device_name(x.device), w2.shape[0], x.shape[1], w2.shape[2], topk_ids.shape[1], x.shape[0])
 
 
 def _lora_delta(xs, a, b, scale, gate_rows):

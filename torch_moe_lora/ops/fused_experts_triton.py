@@ -61,19 +61,21 @@ def _lora_shrink_kernel(
     stride_a_l, stride_a_e, stride_a_r, stride_a_k,
     stride_out_m, stride_out_r,
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """``out[pos, r] = inp[row] . a[slot, e, r]`` for the rows of each block that have an adapter.
+    """``out[pos, r] = inp[row] . a[slot, e, r]`` for the rows that have an adapter.
 
-    Grid: (max_blocks, cdiv(rank, BLOCK_R)). ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or
-    the sorted position (reading the gate_up activations).
+    A program takes ``BLOCK_M`` rows, one of the ``SUBBLOCKS`` sub-blocks of a sorted block, and loops
+    over the slots present in them (rows are sorted by slot, so few). Grid:
+    (max_blocks * SUBBLOCKS, cdiv(rank, BLOCK_R)). ``row`` is the token (``INPUT_BY_TOKEN``, reading
+    x) or the sorted position (reading the gate_up activations).
     """
-    block = tl.program_id(0)
-    if block >= tl.load(num_blocks_ptr):
+    sub = tl.program_id(0)
+    if sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
         return
-    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
     pos, pair, valid, token, slot = _block_rows(
-        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True
+        sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True
     )
     row = token if INPUT_BY_TOKEN else pos
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -106,24 +108,43 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand(
-    acc, s_ptr, s_col0, b_base, slot, current, pos, b_rows, b_row_mask, rank, scale,
-    stride_s_m, stride_s_r, stride_b_n, stride_b_r,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    acc, s_ptr, s_col0, b_ptr, scale_ptr, expert, slot, pos, b_rows, b_row_mask, rank,
+    stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUB_M: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``acc[m, n] += scale * sum_r s[pos_m, s_col0 + r] * b[b_rows_n, r]`` for rows of ``current``."""
+    """``acc[m, n] += scale[slot_m] * sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]``.
+
+    The block's rows are cut into ``BLOCK_M // SUB_M`` sub-blocks; each step takes, in every
+    sub-block at once, the next slot present there, and multiplies the sub-blocks' rows of that
+    slot by that slot's B tile in one batched dot. Rows are sorted by slot, so the steps number the
+    most slots any one sub-block holds, not the slots of the whole block.
+    """
+    G: tl.constexpr = BLOCK_M // SUB_M
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    s = tl.load(
-        s_ptr + pos[:, None].to(tl.int64) * stride_s_m + (s_col0 + offs_r[None, :]) * stride_s_r,
-        mask=(slot == current)[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    b = tl.load(
-        b_base + offs_r[:, None] * stride_b_r + b_rows[None, :] * stride_b_n,
-        mask=r_mask[:, None] & b_row_mask[None, :],
-        other=0.0,
-    )
-    return acc + scale * tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
+    slot_g = tl.reshape(slot, (G, SUB_M))
+    pos_g = tl.reshape(pos, (G, SUB_M)).to(tl.int64)
+    current = tl.min(tl.where(slot_g >= 0, slot_g, _NO_SLOT), axis=1)
+    while tl.min(current) < _NO_SLOT:
+        live = current < _NO_SLOT
+        slot_of_sub = tl.where(live, current, 0).to(tl.int64)
+        s = tl.load(
+            s_ptr + pos_g[:, :, None] * stride_s_m + (s_col0 + offs_r)[None, None, :] * stride_s_r,
+            mask=(slot_g == current[:, None])[:, :, None] & r_mask[None, None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + (slot_of_sub * stride_b_l + expert * stride_b_e)[:, None, None]
+            + offs_r[None, :, None] * stride_b_r + b_rows[None, None, :] * stride_b_n,
+            mask=live[:, None, None] & r_mask[None, :, None] & b_row_mask[None, None, :],
+            other=0.0,
+        )
+        scale = tl.load(scale_ptr + slot_of_sub, mask=live, other=0.0)
+        delta = tl.dot(s.to(b.dtype), b, input_precision=PRECISION) * scale[:, None, None]
+        acc += tl.reshape(delta, (BLOCK_M, BLOCK_N))
+        current = tl.min(tl.where(slot_g > current[:, None], slot_g, _NO_SLOT), axis=1)
+    return acc
 
 
 @triton.jit
@@ -163,7 +184,7 @@ def _gate_up_kernel(
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    SUB_M: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
@@ -214,24 +235,21 @@ def _gate_up_kernel(
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
-        if SPLIT_GATE_UP:
-            up_col0 = rank
-        else:
-            up_col0 = 0
-        current = _first_slot(slot)
-        while current < _NO_SLOT:
-            scale = tl.load(gu_scale_ptr + current)
-            b_base = gu_b_ptr + current.to(tl.int64) * stride_gb_l + expert * stride_gb_e
-            acc_gate = _lora_expand(
-                acc_gate, s1_ptr, 0, b_base, slot, current, pos, gate_rows, n_mask, rank, scale,
-                stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
+        acc_gate = _lora_expand(
+            acc_gate, s1_ptr, 0, gu_b_ptr, gu_scale_ptr, expert, slot, pos, gate_rows, n_mask, rank,
+            stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+            BLOCK_M, BLOCK_N, BLOCK_R, SUB_M, PRECISION,
+        )  # fmt: skip
+        if GATED:
+            if SPLIT_GATE_UP:
+                up_col0 = rank
+            else:
+                up_col0 = 0
+            acc_up = _lora_expand(
+                acc_up, s1_ptr, up_col0, gu_b_ptr, gu_scale_ptr, expert, slot, pos, up_rows, n_mask, rank,
+                stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+                BLOCK_M, BLOCK_N, BLOCK_R, SUB_M, PRECISION,
             )  # fmt: skip
-            if GATED:
-                acc_up = _lora_expand(
-                    acc_up, s1_ptr, up_col0, b_base, slot, current, pos, up_rows, n_mask,
-                    rank, scale, stride_s_m, stride_s_r, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
-                )  # fmt: skip
-            current = _next_slot(slot, current)
     if WEIGHT_ON_INPUT:
         w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc_gate *= w[:, None]
@@ -262,7 +280,7 @@ def _down_kernel(
     stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    SUB_M: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns."""
     pid = tl.program_id(0)
@@ -295,15 +313,11 @@ def _down_kernel(
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA:
-        current = _first_slot(slot)
-        while current < _NO_SLOT:
-            scale = tl.load(d_scale_ptr + current)
-            b_base = d_b_ptr + current.to(tl.int64) * stride_db_l + expert * stride_db_e
-            acc = _lora_expand(
-                acc, s2_ptr, 0, b_base, slot, current, pos, offs_n, n_mask, rank, scale,
-                stride_s_m, stride_s_r, stride_db_n, stride_db_r, BLOCK_R, PRECISION,
-            )  # fmt: skip
-            current = _next_slot(slot, current)
+        acc = _lora_expand(
+            acc, s2_ptr, 0, d_b_ptr, d_scale_ptr, expert, slot, pos, offs_n, n_mask, rank,
+            stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
+            BLOCK_M, BLOCK_N, BLOCK_R, SUB_M, PRECISION,
+        )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b2_ptr + expert * stride_b2_e + offs_n * stride_b2_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if not WEIGHT_ON_INPUT:
@@ -362,6 +376,9 @@ def fused_experts_triton(
     has_lora = gate_up_a is not None and token_lora is not None
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
     block_m = config["block_m"]
+    sub_m = config.get("sub_m", 16)
+    if block_m % sub_m != 0:
+        raise ValueError(f"launch config: block_m {block_m} must be a multiple of sub_m {sub_m}")
     sorted_pair_ids, expert_of_block, _, num_blocks = align_block_size(
         topk_ids, token_lora if has_lora else None, num_experts, num_slots, block_m, pad_per_adapter=False
     )
@@ -374,7 +391,7 @@ def fused_experts_triton(
         rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
         s1 = torch.empty(num_rows, gate_up_a.shape[2], dtype=torch.float32, device=x.device)
         s2 = torch.empty(num_rows, down_rank, dtype=torch.float32, device=x.device)
-        _shrink(x, gate_up_a, s1, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, True, block_m, config["shrink"])
+        _shrink(x, gate_up_a, s1, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, True, block_m, sub_m, config["shrink"])
     else:
         rank = down_rank = 0
         s1 = s2 = dummy
@@ -395,10 +412,10 @@ def fused_experts_triton(
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(rank),
-        GROUP_M=cfg["group_m"], **_launch_options(cfg),
+        SUB_M=sub_m, GROUP_M=cfg["group_m"], **_launch_options(cfg),
     )  # fmt: skip
     if has_lora:
-        _shrink(h, down_a, s2, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, False, block_m, config["shrink"])
+        _shrink(h, down_a, s2, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, False, block_m, sub_m, config["shrink"])
     lora_d = (down_b, down_scale) if has_lora else (dummy, dummy)
     cfg = config["down"]
     grid = (max_blocks * triton.cdiv(hidden, cfg["block_n"]),)
@@ -409,8 +426,8 @@ def fused_experts_triton(
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *(s2.stride() if has_lora else (0, 0)), *(down_b.stride() if has_lora else (0, 0, 0, 0)), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
-        PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(down_rank),
-        GROUP_M=cfg["group_m"], **_launch_options(cfg),
+        PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        BLOCK_R=_rank_block(down_rank), SUB_M=sub_m, GROUP_M=cfg["group_m"], **_launch_options(cfg),
     )  # fmt: skip
     cfg = config["sum"]
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
@@ -430,14 +447,14 @@ def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(rank, 1)))
 
 
-def _shrink(inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, by_token, block_m, cfg):
+def _shrink(inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, by_token, block_m, sub_m, cfg):
     rank_total, in_features = a.shape[2], a.shape[3]
     block_r = min(cfg["block_r"], _rank_block(rank_total))
-    grid = (expert_of_block.shape[0], triton.cdiv(rank_total, block_r))
+    grid = (expert_of_block.shape[0] * (block_m // sub_m), triton.cdiv(rank_total, block_r))
     _lora_shrink_kernel[grid](
         inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
         num_pairs, top_k, in_features, rank_total,
         inp.stride(0), inp.stride(1), *a.stride(), *out.stride(),
-        INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg["block_k"],
-        **_launch_options(cfg),
+        INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
+        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, **_launch_options(cfg),
     )  # fmt: skip

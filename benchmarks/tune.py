@@ -1,0 +1,132 @@
+"""Tunes the fused experts launch configs for one GPU and writes ``torch_moe_lora/configs/<gpu>.json``.
+
+For every model shape and token bucket it searches, one part at a time (block_m, then the gate_up
+tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA (rank 16, tokens
+spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. Entries
+merge into an existing file.
+
+    python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_fused_experts import SHAPES, TOKENS  # noqa: E402
+from common import random_lora, random_routing, time_graph, token_mapping  # noqa: E402
+
+from torch_moe_lora.configs import device_file_name, get_config, shape_key  # noqa: E402
+from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
+
+DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
+PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
+SHRINK_CHOICES = dict(block_k=(64, 128, 256), block_r=(16, 32, 64))
+
+
+def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 4:
+        return (16,)
+    if rows_per_expert <= 64:
+        return (16, 32, 64)
+    return (64, 128)
+
+
+def make_runner(shape, num_tokens, rank=16, adapters=4, dtype=torch.bfloat16, rotations=3):
+    hidden, inter, num_experts, top_k = shape
+    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda") * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device="cuda") * inter**-0.5
+    lora = random_lora(16, num_experts, hidden, inter, rank, dtype)
+    inputs = []
+    for _ in range(rotations):
+        x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
+        inputs.append((x, *random_routing(num_tokens, num_experts, top_k), token_mapping(num_tokens, f"uniform{adapters}", 16)))
+
+    def run(config) -> float:
+        calls = [
+            lambda i=i: fused_experts_triton(
+                i[0], i[1], i[2], w13, w2, None, None, i[3], *lora, "silu", True, False, 1.702, 7.0, False, config=config
+            )
+            for i in inputs
+        ]
+        return time_graph(calls, replays=8, budget_ms=150)
+
+    return run
+
+
+def best_of(run, base, part, candidates, log):
+    best_ms, best = float("inf"), base
+    for values in candidates:
+        config = copy.deepcopy(base)
+        if part is None:
+            config.update(values)
+        else:
+            config[part].update(values)
+        try:
+            ms = run(config)
+        except (OutOfResources, CompilationError) as error:
+            log(f"    skip {part} {values}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
+            continue
+        if ms < best_ms:
+            best_ms, best = ms, config
+    log(f"    {part or 'block_m'}: {best_ms:.4f} ms")
+    return best, best_ms
+
+
+def grid(choices: dict) -> list[dict]:
+    keys = list(choices)
+    return [dict(zip(keys, values)) for values in itertools.product(*(choices[k] for k in keys))]
+
+
+def tune_shape(shape, tokens, log):
+    hidden, inter, num_experts, top_k = shape
+    buckets = {}
+    for num_tokens in tokens:
+        run = make_runner(shape, num_tokens)
+        config = copy.deepcopy(get_config(None, num_experts, hidden, inter, top_k, num_tokens))
+        log(f"  T={num_tokens}: default {run(config):.4f} ms")
+        config, _ = best_of(
+            run, config, None, [dict(block_m=m) for m in block_m_choices(num_tokens, top_k, num_experts)], log
+        )
+        tiles = grid(DECODE_TILES if num_tokens * top_k <= 4 * num_experts else PREFILL_TILES)
+        config, _ = best_of(run, config, "gate_up", tiles, log)
+        config, _ = best_of(run, config, "down", tiles, log)
+        config, ms = best_of(run, config, "shrink", grid(SHRINK_CHOICES), log)
+        config["_ms"] = round(ms, 5)
+        buckets[str(num_tokens)] = config
+        del run
+        torch.cuda.empty_cache()
+    return buckets
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    path = args.out / device_file_name(device)
+    tuned = json.loads(path.read_text()) if path.exists() else {}
+    tuned["_doc"] = f"Tuned on {device} by benchmarks/tune.py; keys: shape, then token bucket."
+    for name in args.shapes:
+        shape = SHAPES[name]
+        print(f"{name} {shape}", flush=True)
+        tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = tune_shape(shape, args.tokens, lambda m: print(m, flush=True))
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(tuned, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
