@@ -2,20 +2,25 @@
 
 The pairs (token, k) are first sorted by expert with ``align_block_size(pad_per_adapter=False)``:
 every block of ``BLOCK_M`` rows belongs to one expert, and inside an expert rows are ordered by
-adapter slot (adapter-less rows last). The base GEMMs therefore never pay for per-adapter padding;
-the LoRA terms loop over the few distinct slots present in a block, reading each (slot, expert)
-LoRA pair once per block.
+adapter slot (adapter-less rows last). The base GEMMs therefore never pay for per-adapter padding.
 
-Kernels, in launch order:
+Kernels, in launch order (``pos`` is a row of the sorted order):
 
-1. ``_lora_shrink_kernel`` on x:      ``s1[pos] = x[token(pos)] @ gate_up_a[slot, e]^T``
-2. ``_gate_up_kernel``:               ``h[pos] = act(w13[e] x + b13 + scale * gate_up_b s1)``
-3. ``_lora_shrink_kernel`` on h:      ``s2[pos] = h[pos] @ down_a[slot, e]^T``
-4. ``_down_kernel``:                  ``y[pair] = w * (w2[e] h + b2 + scale * down_b s2)``
-5. ``_sum_topk_kernel``:              ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
+1. ``_lora_shrink_kernel`` on x:  ``s1[pos] = scale * x[token(pos)] @ gate_up_a[slot, e]^T``
+2. ``_gate_up_kernel``:           ``h[pos] = act(w13[e] x + b13 + gate_up_b[slot, e] s1)``
+3. ``_lora_shrink_kernel`` on h:  ``s2[pos] = scale * h[pos] @ down_a[slot, e]^T``
+4. ``_down_kernel``:              ``y[pair] = w * (w2[e] h + b2 + down_b[slot, e] s2)``
+5. ``_sum_topk_kernel``:          ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
 
-``pos`` is a row of the sorted order; rows past ``num_blocks`` blocks are never touched (programs
-exit on the device, so grids are sized from static bounds and CUDA graphs can capture the launch).
+The LoRA expand is part of each GEMM's K loop: after the ``cdiv(K, BLOCK_K)`` steps over the base
+weight come, for every slot present in the block, ``cdiv(rank, BLOCK_K)`` steps whose A operand is
+that slot's rows of ``s`` (other rows masked to zero) and whose B operand is the slot's LoRA B. The
+loop body is the same for both kinds of step, so the compiler pipelines the LoRA loads with the base
+ones. A shrink program takes one slot of one 16-row sub-block, so the shrink reads each (slot,
+expert) A once per sub-block that holds it and does no work for other rows.
+
+Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
+can capture the launch.
 """
 
 from __future__ import annotations
@@ -53,8 +58,19 @@ def _next_slot(slot, current):
 
 
 @triton.jit
+def _count_slots(slot):
+    """Distinct slots (>= 0) among the rows."""
+    count = 0
+    current = _first_slot(slot)
+    while current < _NO_SLOT:
+        count += 1
+        current = _next_slot(slot, current)
+    return count
+
+
+@triton.jit
 def _lora_shrink_kernel(
-    inp_ptr, a_ptr, out_ptr,
+    inp_ptr, a_ptr, scale_ptr, out_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr,
     num_pairs, top_k, in_features, rank,
     stride_in_m, stride_in_k,
@@ -63,88 +79,82 @@ def _lora_shrink_kernel(
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """``out[pos, r] = inp[row] . a[slot, e, r]`` for the rows that have an adapter.
+    """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for one slot of one sub-block.
 
-    A program takes ``BLOCK_M`` rows, one of the ``SUBBLOCKS`` sub-blocks of a sorted block, and loops
-    over the slots present in them (rows are sorted by slot, so few). Grid:
-    (max_blocks * SUBBLOCKS, cdiv(rank, BLOCK_R)). ``row`` is the token (``INPUT_BY_TOKEN``, reading
-    x) or the sorted position (reading the gate_up activations).
+    Grid: (max_blocks * SUBBLOCKS, slots per sub-block at most, cdiv(rank, BLOCK_R)); program
+    ``(sub, j, _)`` takes the ``j``-th slot present in sub-block ``sub`` and exits if there is none.
+    ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
     """
     sub = tl.program_id(0)
     if sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
         return
-    expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
-    pos, pair, valid, token, slot = _block_rows(
-        sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True
-    )
-    row = token if INPUT_BY_TOKEN else pos
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
+    pos, pair, valid, token, slot = _block_rows(sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True)
     current = _first_slot(slot)
-    while current < _NO_SLOT:
-        in_slot = slot == current
-        a_base = a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, in_features, BLOCK_K):
-            k = k0 + offs_k
-            xs = tl.load(
-                inp_ptr + row[:, None].to(tl.int64) * stride_in_m + k[None, :] * stride_in_k,
-                mask=in_slot[:, None] & (k[None, :] < in_features),
-                other=0.0,
-            )
-            a = tl.load(
-                a_base + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
-                mask=(offs_r[None, :] < rank) & (k[:, None] < in_features),
-                other=0.0,
-            )
-            acc += tl.dot(xs, a, input_precision=PRECISION)
-        tl.store(
-            out_ptr + pos[:, None].to(tl.int64) * stride_out_m + offs_r[None, :] * stride_out_r,
-            acc,
-            mask=in_slot[:, None] & (offs_r[None, :] < rank),
-        )
+    for _ in range(0, tl.program_id(1)):
         current = _next_slot(slot, current)
+    if current >= _NO_SLOT:
+        return
+    expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
+    row = token if INPUT_BY_TOKEN else pos
+    in_slot = slot == current
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_rows = inp_ptr + row[:, None].to(tl.int64) * stride_in_m
+    a_base = a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e + offs_r[None, :] * stride_a_r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        k = k0 + offs_k
+        xs = tl.load(in_rows + k[None, :] * stride_in_k, mask=in_slot[:, None] & (k[None, :] < in_features), other=0.0)
+        a = tl.load(a_base + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < in_features), other=0.0)
+        acc += tl.dot(xs, a, input_precision=PRECISION)
+    acc *= tl.load(scale_ptr + current)
+    tl.store(
+        out_ptr + pos[:, None].to(tl.int64) * stride_out_m + offs_r[None, :] * stride_out_r,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=in_slot[:, None] & (offs_r[None, :] < rank),
+    )
 
 
 @triton.jit
-def _lora_expand(
-    acc, s_ptr, s_col0, b_ptr, scale_ptr, expert, slot, pos, b_rows, b_row_mask, rank,
-    stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUB_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _step_operands(
+    i, n_base, r_steps, current, slot, pos, valid, offs_k, in_features, a_limit, rank,
+    a_rows, stride_a_k, s_ptr, s_col0, stride_s_m, stride_s_r,
+    w_base, w_cols, col_mask, stride_w_n, stride_w_k,
+    b_ptr, expert, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    HAS_LORA: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``acc[m, n] += scale[slot_m] * sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]``.
+    """A ``[BLOCK_M, BLOCK_K]`` and B ``[BLOCK_K, BLOCK_N]`` tiles of K-loop step ``i``.
 
-    The block's rows are cut into ``BLOCK_M // SUB_M`` sub-blocks; each step takes, in every
-    sub-block at once, the next slot present there, and multiplies the sub-blocks' rows of that
-    slot by that slot's B tile in one batched dot. Rows are sorted by slot, so the steps number the
-    most slots any one sub-block holds, not the slots of the whole block.
+    Steps ``i < n_base`` read the base operands (``a_rows`` along K up to ``a_limit``, weight
+    columns ``w_cols``); later steps read, for the slot ``current``, its rows of ``s`` (columns
+    ``s_col0 + r``) and its LoRA B (rows ``w_cols``), ``BLOCK_K`` ranks per step. Each kind of
+    step masks the other's operands off by index alone (k >= in_features on LoRA steps, r >= rank on
+    base steps).
     """
-    G: tl.constexpr = BLOCK_M // SUB_M
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    slot_g = tl.reshape(slot, (G, SUB_M))
-    pos_g = tl.reshape(pos, (G, SUB_M)).to(tl.int64)
-    current = tl.min(tl.where(slot_g >= 0, slot_g, _NO_SLOT), axis=1)
-    while tl.min(current) < _NO_SLOT:
-        live = current < _NO_SLOT
-        slot_of_sub = tl.where(live, current, 0).to(tl.int64)
-        s = tl.load(
-            s_ptr + pos_g[:, :, None] * stride_s_m + (s_col0 + offs_r)[None, None, :] * stride_s_r,
-            mask=(slot_g == current[:, None])[:, :, None] & r_mask[None, None, :],
-            other=0.0,
+    k = i * BLOCK_K + offs_k
+    a_ptrs = a_rows + k[None, :] * stride_a_k
+    a_mask = valid[:, None] & (k[None, :] < a_limit)
+    w_ptrs = w_base + w_cols[None, :] * stride_w_n + k[:, None] * stride_w_k
+    w_mask = col_mask[None, :] & (k[:, None] < in_features)
+    if HAS_LORA:
+        lora_step = i >= n_base
+        r = tl.where(lora_step, ((i - n_base) % r_steps) * BLOCK_K, rank) + offs_k
+        lora_slot = tl.where(lora_step, current, 0).to(tl.int64)
+        a_ptrs = tl.where(
+            lora_step, s_ptr + pos[:, None].to(tl.int64) * stride_s_m + (s_col0 + r)[None, :] * stride_s_r, a_ptrs
         )
-        b = tl.load(
-            b_ptr + (slot_of_sub * stride_b_l + expert * stride_b_e)[:, None, None]
-            + offs_r[None, :, None] * stride_b_r + b_rows[None, None, :] * stride_b_n,
-            mask=live[:, None, None] & r_mask[None, :, None] & b_row_mask[None, None, :],
-            other=0.0,
-        )
-        scale = tl.load(scale_ptr + slot_of_sub, mask=live, other=0.0)
-        delta = tl.dot(s.to(b.dtype), b, input_precision=PRECISION) * scale[:, None, None]
-        acc += tl.reshape(delta, (BLOCK_M, BLOCK_N))
-        current = tl.min(tl.where(slot_g > current[:, None], slot_g, _NO_SLOT), axis=1)
-    return acc
+        a_mask = a_mask | ((slot == current)[:, None] & (r[None, :] < rank))
+        b_base = b_ptr + lora_slot * stride_b_l + expert * stride_b_e
+        w_ptrs = tl.where(lora_step, b_base + w_cols[None, :] * stride_b_n + r[:, None] * stride_b_r, w_ptrs)
+        w_mask = w_mask | (col_mask[None, :] & (r[:, None] < rank))
+    return a_ptrs, a_mask, w_ptrs, w_mask
+
+
+@triton.jit
+def _advance_slot(i, n_base, r_steps, slot, current):
+    """The slot of step ``i + 1``: the next one once the last rank step of ``current`` is done."""
+    last_rank_step = tl.where(i >= n_base, (i - n_base) % r_steps, -1) == r_steps - 1
+    return tl.where(last_rank_step, _next_slot(slot, current), current)
 
 
 @triton.jit
@@ -171,8 +181,18 @@ def _activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, 
 
 
 @triton.jit
+def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(block, column tile) of this program; ``GROUP_M`` blocks share a column tile for L2 reuse."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(num_cols, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
+    return first_m + (pid % group_size), (pid % (GROUP_M * num_n)) // group_size
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, gu_scale_ptr, h_ptr,
+    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, h_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, hidden, inter, rank, max_blocks, alpha, limit,
     stride_x_m, stride_x_k,
@@ -183,27 +203,19 @@ def _gate_up_kernel(
     stride_h_m, stride_h_n,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SUB_M: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
     Gate and up accumulate separately: gate row of column ``n`` is ``n`` (``2n`` interleaved), up
     row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),).
     """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(inter, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
-    block = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
     if block >= tl.load(num_blocks_ptr):
         return
     expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-    pos, pair, valid, token, slot = _block_rows(
-        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA
-    )
+    pos, pair, valid, token, slot = _block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inter
     if INTERLEAVED:
@@ -215,41 +227,42 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + token[:, None].to(tl.int64) * stride_x_m
     w_base = w13_ptr + expert * stride_w_e
+    n_base = tl.cdiv(hidden, BLOCK_K)
+    r_steps = tl.cdiv(rank, BLOCK_K)
+    num_steps = n_base
+    current = _first_slot(slot)
+    if HAS_LORA:
+        num_steps += _count_slots(slot) * r_steps
+    if SPLIT_GATE_UP:
+        up_col0 = rank
+        up_a_limit = 0  # x is not read again for the up rows
+    else:
+        up_col0 = 0
+        up_a_limit = hidden
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < hidden
-        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w_gate = tl.load(
-            w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
-        acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
-        if GATED:
-            w_up = tl.load(
-                w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
-                mask=n_mask[None, :] & k_mask[:, None],
-                other=0.0,
-            )
-            acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
-    if HAS_LORA:
-        acc_gate = _lora_expand(
-            acc_gate, s1_ptr, 0, gu_b_ptr, gu_scale_ptr, expert, slot, pos, gate_rows, n_mask, rank,
-            stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
-            BLOCK_M, BLOCK_N, BLOCK_R, SUB_M, PRECISION,
+    for i in range(0, num_steps):
+        a_ptrs, a_mask, w_ptrs, w_mask = _step_operands(
+            i, n_base, r_steps, current, slot, pos, valid, offs_k, hidden, hidden, rank,
+            x_rows, stride_x_k, s1_ptr, 0, stride_s_m, stride_s_r,
+            w_base, gate_rows, n_mask, stride_w_n, stride_w_k,
+            gu_b_ptr, expert, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, HAS_LORA, BLOCK_K,
         )  # fmt: skip
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        acc_gate += tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), input_precision=PRECISION)
         if GATED:
-            if SPLIT_GATE_UP:
-                up_col0 = rank
-            else:
-                up_col0 = 0
-            acc_up = _lora_expand(
-                acc_up, s1_ptr, up_col0, gu_b_ptr, gu_scale_ptr, expert, slot, pos, up_rows, n_mask, rank,
-                stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
-                BLOCK_M, BLOCK_N, BLOCK_R, SUB_M, PRECISION,
+            a_ptrs, a_mask, w_ptrs, w_mask = _step_operands(
+                i, n_base, r_steps, current, slot, pos, valid, offs_k, hidden, up_a_limit, rank,
+                x_rows, stride_x_k, s1_ptr, up_col0, stride_s_m, stride_s_r,
+                w_base, up_rows, n_mask, stride_w_n, stride_w_k,
+                gu_b_ptr, expert, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, HAS_LORA, BLOCK_K,
             )  # fmt: skip
+            if SPLIT_GATE_UP:
+                # Up rows contract with the up half of s1; base steps keep the x tile already loaded.
+                a = tl.where(i < n_base, a, tl.load(a_ptrs, mask=a_mask, other=0.0))
+            acc_up += tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), input_precision=PRECISION)
+        if HAS_LORA:
+            current = _advance_slot(i, n_base, r_steps, slot, current)
     if WEIGHT_ON_INPUT:
         w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc_gate *= w[:, None]
@@ -269,7 +282,7 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, d_scale_ptr, y_ptr,
+    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, y_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, hidden, inter, rank, max_blocks,
     stride_h_m, stride_h_k,
@@ -279,45 +292,38 @@ def _down_kernel(
     stride_db_l, stride_db_e, stride_db_n, stride_db_r,
     stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SUB_M: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(hidden, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
-    block = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
     if block >= tl.load(num_blocks_ptr):
         return
     expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-    pos, pair, valid, token, slot = _block_rows(
-        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA
-    )
+    pos, pair, valid, token, slot = _block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + pos[:, None].to(tl.int64) * stride_h_m
     w_base = w2_ptr + expert * stride_w_e
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < inter
-        hs = tl.load(h_rows + k[None, :] * stride_h_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(
-            w_base + offs_n[None, :] * stride_w_n + k[:, None] * stride_w_k,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
-        acc += tl.dot(hs, w, input_precision=PRECISION)
+    n_base = tl.cdiv(inter, BLOCK_K)
+    r_steps = tl.cdiv(rank, BLOCK_K)
+    num_steps = n_base
+    current = _first_slot(slot)
     if HAS_LORA:
-        acc = _lora_expand(
-            acc, s2_ptr, 0, d_b_ptr, d_scale_ptr, expert, slot, pos, offs_n, n_mask, rank,
-            stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
-            BLOCK_M, BLOCK_N, BLOCK_R, SUB_M, PRECISION,
+        num_steps += _count_slots(slot) * r_steps
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, num_steps):
+        a_ptrs, a_mask, w_ptrs, w_mask = _step_operands(
+            i, n_base, r_steps, current, slot, pos, valid, offs_k, inter, inter, rank,
+            h_rows, stride_h_k, s2_ptr, 0, stride_s_m, stride_s_r,
+            w_base, offs_n, n_mask, stride_w_n, stride_w_k,
+            d_b_ptr, expert, stride_db_l, stride_db_e, stride_db_n, stride_db_r, HAS_LORA, BLOCK_K,
         )  # fmt: skip
+        acc += tl.dot(
+            tl.load(a_ptrs, mask=a_mask, other=0.0), tl.load(w_ptrs, mask=w_mask, other=0.0), input_precision=PRECISION
+        )
+        if HAS_LORA:
+            current = _advance_slot(i, n_base, r_steps, slot, current)
     if HAS_BIAS:
         acc += tl.load(b2_ptr + expert * stride_b2_e + offs_n * stride_b2_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if not WEIGHT_ON_INPUT:
@@ -351,6 +357,11 @@ def _launch_options(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 operands multiply in full precision (as torch's default matmul does), not tf32."""
+    return "ieee" if dtype == torch.float32 else None
+
+
 def fused_experts_triton(
     x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
     gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
@@ -360,9 +371,9 @@ def fused_experts_triton(
 ) -> torch.Tensor:  # fmt: skip
     """Runs the five kernels; arguments as ``moe_lora::fused_experts`` (already validated).
 
-    ``config`` holds ``block_m`` and per-kernel tile sizes (see ``torch_moe_lora/configs``); ``out``
-    is an optional ``[T, H]`` output buffer. All buffers are sized from static bounds; nothing here
-    reads device data on the host.
+    ``config`` holds ``block_m``, ``sub_m`` and per-kernel tile sizes (see
+    ``torch_moe_lora/configs``); ``out`` is an optional ``[T, H]`` output buffer. All buffers are
+    sized from static bounds; nothing here reads device data on the host.
     """
     from .align import align_block_size
 
@@ -375,8 +386,7 @@ def fused_experts_triton(
         return out
     has_lora = gate_up_a is not None and token_lora is not None
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
-    block_m = config["block_m"]
-    sub_m = config.get("sub_m", 16)
+    block_m, sub_m = config["block_m"], config.get("sub_m", 16)
     if block_m % sub_m != 0:
         raise ValueError(f"launch config: block_m {block_m} must be a multiple of sub_m {sub_m}")
     sorted_pair_ids, expert_of_block, _, num_blocks = align_block_size(
@@ -387,47 +397,41 @@ def fused_experts_triton(
     h = x.new_empty(num_rows, inter)
     y = x.new_empty(num_pairs, hidden)
     dummy = x.new_empty(1)
+    rows = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
+    precision = _dot_precision(x.dtype)
     if has_lora:
         rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
-        s1 = torch.empty(num_rows, gate_up_a.shape[2], dtype=torch.float32, device=x.device)
-        s2 = torch.empty(num_rows, down_rank, dtype=torch.float32, device=x.device)
-        _shrink(x, gate_up_a, s1, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, True, block_m, sub_m, config["shrink"])
+        s1 = x.new_empty(num_rows, gate_up_a.shape[2])
+        s2 = x.new_empty(num_rows, down_rank)
+        shrink = (sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, num_slots, block_m, sub_m)
+        _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, True, config["shrink"])
     else:
         rank = down_rank = 0
-        s1 = s2 = dummy
-    row_args = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
-    lora_gu = (gate_up_b, gate_up_scale) if has_lora else (dummy, dummy)
-    gu_b = lora_gu[0]
-    gu_strides = gu_b.stride() if has_lora else (0, 0, 0, 0)
+        s1 = s2 = x.new_empty(1, 1)
+        gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
     cfg = config["gate_up"]
-    grid = (max_blocks * triton.cdiv(inter, cfg["block_n"]),)
-    b13 = w13_bias if w13_bias is not None else dummy
-    _gate_up_kernel[grid](
-        x, w13, b13, s1, gu_b, lora_gu[1], h, *row_args,
+    _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
+        x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h, *rows,
         num_pairs, top_k, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
-        x.stride(0), x.stride(1), *w13.stride(),
-        *(w13_bias.stride() if w13_bias is not None else (0, 0)),
-        *(s1.stride() if has_lora else (0, 0)), *gu_strides, *h.stride(),
+        *x.stride(), *w13.stride(), *(w13_bias.stride() if w13_bias is not None else (0, 0)),
+        *s1.stride(), *gate_up_b.stride(), *h.stride(),
         GATED=gated, INTERLEAVED=interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
-        ACTIVATION=ACTIVATION_CODES[activation], PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=_rank_block(rank),
-        SUB_M=sub_m, GROUP_M=cfg["group_m"], **_launch_options(cfg),
+        ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        **_launch_options(cfg),
     )  # fmt: skip
     if has_lora:
-        _shrink(h, down_a, s2, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, False, block_m, sub_m, config["shrink"])
-    lora_d = (down_b, down_scale) if has_lora else (dummy, dummy)
+        _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"])
     cfg = config["down"]
-    grid = (max_blocks * triton.cdiv(hidden, cfg["block_n"]),)
-    b2 = w2_bias if w2_bias is not None else dummy
-    _down_kernel[grid](
-        h, w2, b2, s2, lora_d[0], lora_d[1], y, *row_args,
+    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
+        h, w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y, *rows,
         num_pairs, top_k, hidden, inter, down_rank, max_blocks,
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
-        *(s2.stride() if has_lora else (0, 0)), *(down_b.stride() if has_lora else (0, 0, 0, 0)), *y.stride(),
-        HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
-        PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        BLOCK_R=_rank_block(down_rank), SUB_M=sub_m, GROUP_M=cfg["group_m"], **_launch_options(cfg),
+        *s2.stride(), *down_b.stride(), *y.stride(),
+        HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        **_launch_options(cfg),
     )  # fmt: skip
     cfg = config["sum"]
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
@@ -437,24 +441,23 @@ def fused_experts_triton(
     return out
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    """float32 operands multiply in full precision (as torch's default matmul does), not tf32."""
-    return "ieee" if dtype == torch.float32 else None
-
-
 def _rank_block(rank: int) -> int:
-    """The rank tile of the LoRA expand: a power of two >= 16 (tl.dot's smallest K)."""
+    """A rank tile: a power of two >= 16 (tl.dot's smallest K)."""
     return max(16, triton.next_power_of_2(max(rank, 1)))
 
 
-def _shrink(inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, by_token, block_m, sub_m, cfg):
+def _shrink(
+    inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
+    num_pairs, top_k, num_slots, block_m, sub_m, by_token, cfg,
+):  # fmt: skip
     rank_total, in_features = a.shape[2], a.shape[3]
     block_r = min(cfg["block_r"], _rank_block(rank_total))
-    grid = (expert_of_block.shape[0] * (block_m // sub_m), triton.cdiv(rank_total, block_r))
+    slots_per_sub = min(sub_m, num_slots)
+    grid = (expert_of_block.shape[0] * (block_m // sub_m), slots_per_sub, triton.cdiv(rank_total, block_r))
     _lora_shrink_kernel[grid](
-        inp, a, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
+        inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
         num_pairs, top_k, in_features, rank_total,
-        inp.stride(0), inp.stride(1), *a.stride(), *out.stride(),
+        *inp.stride(), *a.stride(), *out.stride(),
         INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
         BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, **_launch_options(cfg),
     )  # fmt: skip
