@@ -30,7 +30,7 @@ from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa
 
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
-SHRINK_CHOICES = dict(block_k=(64, 128, 256), block_r=(16, 32, 64))
+SHRINK_CHOICES = dict(block_k=(64, 128, 256), num_stages=(2, 3, 4))
 
 
 def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:

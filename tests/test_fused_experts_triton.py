@@ -30,7 +30,7 @@ def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16, sub_
         "sub_m": sub_m,
         "gate_up": tile,
         "down": tile,
-        "shrink": dict(block_r=block_r, block_k=block_k, num_warps=4, num_stages=2),
+        "shrink": dict(max_block_r=block_r, block_k=block_k, num_warps=4, num_stages=2),
         "sum": dict(block_n=64, num_warps=4),
     }
 
@@ -176,3 +176,15 @@ def test_launch_config_is_used_per_bucket():
     assert launch_config(small.x, small.topk_ids, small.w2)["block_m"] <= launch_config(
         large.x, large.topk_ids, large.w2
     )["block_m"]
+
+
+def test_fit_shared_memory_shrinks_stages_then_k_tile():
+    from torch_moe_lora.ops.fused_experts_triton import fit_shared_memory
+
+    cfg = dict(block_n=128, block_k=128, num_stages=4, num_warps=8, group_m=1)
+    assert fit_shared_memory(cfg, 64, 2, 2, None) == cfg
+    assert fit_shared_memory(cfg, 64, 2, 2, 1 << 20) == cfg
+    fp32 = fit_shared_memory(cfg, 64, 2, 4, 232448)
+    assert fp32["num_stages"] * fp32["block_k"] * (64 + 2 * 128) * 4 <= 232448
+    assert (fp32["num_stages"], fp32["block_k"]) == (2, 64)
+    assert cfg["num_stages"] == 4, "the input config is not modified"

@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from test_models import COMMON, TINY, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
-from utils import seed_all
+from utils import requires_cuda, seed_all
 
 from torch_moe_lora import patch_model
 from torch_moe_lora.linear import MultiLoRALinear, RowSlots
@@ -147,6 +147,37 @@ def test_mixed_batch_matches_peft(family, peft_adapters):
             all_none = model(ids).logits
     assert_rows_match(unmapped, base_logits, ROWS, f"{family} no mapping vs unpatched", rel=1e-5)
     assert_rows_match(all_none, base_logits, ROWS, f"{family} all rows None vs unpatched", rel=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", list(TINY))
+def test_mixed_batch_matches_peft_on_gpu(family, peft_adapters):
+    """The GPU path (Triton kernels): float32 logits and greedy tokens equal PEFT's per row; in bf16
+    the patched model's error against float32 PEFT is at most twice PEFT's own bf16 error (+1e-3)."""
+    made = peft_adapters(family)
+    models = {None: tiny_model(family).cuda(), **{n: copy.deepcopy(m).cuda() for n, (_, m) in made.items()}}
+    ids = batch_ids().cuda()
+    ref_logits, ref_tokens = row_references(ROWS, models, ids)
+    model = tiny_model(family).cuda()
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+    with torch.no_grad(), handle.adapters(ROWS):
+        logits = model(ids).logits
+        tokens = model.generate(ids, **GENERATE)
+    assert_rows_match(logits, ref_logits, ROWS, f"{family} GPU float32 mixed batch vs PEFT")
+    assert torch.equal(tokens, ref_tokens), f"{family}: GPU greedy tokens {tokens.tolist()} != PEFT {ref_tokens.tolist()}"
+
+    bf16_models = {n: copy.deepcopy(m).to(torch.bfloat16) for n, m in models.items()}
+    with torch.no_grad():
+        peft_bf16 = torch.stack([bf16_models[n](input_ids=ids[i : i + 1]).logits[0] for i, n in enumerate(ROWS)])
+    model_bf16 = tiny_model(family).cuda().to(torch.bfloat16)
+    handle_bf16 = patch_model(model_bf16, {name: path for name, (path, _) in made.items()})
+    with torch.no_grad(), handle_bf16.adapters(ROWS):
+        ours_bf16 = model_bf16(ids).logits
+    ours_err = (ours_bf16.double() - ref_logits.double()).abs().max().item()
+    peft_err = (peft_bf16.double() - ref_logits.double()).abs().max().item()
+    scale = ref_logits.abs().max().item()
+    print(f"{family} GPU bf16: ours max err {ours_err:.3e}, PEFT bf16 max err {peft_err:.3e}, logit scale {scale:.3e}")
+    assert ours_err <= 2 * peft_err + 1e-3 * scale, family
 
 
 def test_load_and_unload_live(peft_adapters):

@@ -12,18 +12,19 @@ Kernels, in launch order (``pos`` is a row of the sorted order):
 4. ``_down_kernel``:              ``y[pair] = w * (w2[e] h + b2 + down_b[slot, e] s2)``
 5. ``_sum_topk_kernel``:          ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
 
-The LoRA expand is part of each GEMM's K loop: after the ``cdiv(K, BLOCK_K)`` steps over the base
-weight come, for every slot present in the block, ``cdiv(rank, BLOCK_K)`` steps whose A operand is
-that slot's rows of ``s`` (other rows masked to zero) and whose B operand is the slot's LoRA B. The
-loop body is the same for both kinds of step, so the compiler pipelines the LoRA loads with the base
-ones. A shrink program takes one slot of one 16-row sub-block, so the shrink reads each (slot,
-expert) A once per sub-block that holds it and does no work for other rows.
+The LoRA expand runs in each GEMM after its K loop, into the same accumulator: for every slot
+present in the block, ``cdiv(rank, BLOCK_K)`` steps whose A operand is that slot's rows of ``s``
+(other rows masked to zero) and whose B operand is the slot's LoRA B; the step count is known before
+the loop, so its loads pipeline. A shrink program takes one slot of one 16-row sub-block, so the
+shrink reads each (slot, expert) A once per sub-block that holds it and does no work for other rows.
 
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
 can capture the launch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -116,45 +117,34 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
-def _step_operands(
-    i, n_base, r_steps, current, slot, pos, valid, offs_k, in_features, a_limit, rank,
-    a_rows, stride_a_k, s_ptr, s_col0, stride_s_m, stride_s_r,
-    w_base, w_cols, col_mask, stride_w_n, stride_w_k,
-    b_ptr, expert, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
-    HAS_LORA: tl.constexpr, BLOCK_K: tl.constexpr,
+def _lora_steps(
+    acc, s_ptr, s_col0, b_ptr, expert, slot, pos, b_rows, b_row_mask, rank,
+    stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """A ``[BLOCK_M, BLOCK_K]`` and B ``[BLOCK_K, BLOCK_N]`` tiles of K-loop step ``i``.
+    """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
 
-    Steps ``i < n_base`` read the base operands (``a_rows`` along K up to ``a_limit``, weight
-    columns ``w_cols``); later steps read, for the slot ``current``, its rows of ``s`` (columns
-    ``s_col0 + r``) and its LoRA B (rows ``w_cols``), ``BLOCK_K`` ranks per step. Each kind of
-    step masks the other's operands off by index alone (k >= in_features on LoRA steps, r >= rank on
-    base steps).
+    One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
+    ``s`` (other rows masked to zero), the B operand its LoRA B. A ``for`` loop over a step count
+    known before it starts, so the compiler pipelines the loads of the next slots with this one's dot.
     """
-    k = i * BLOCK_K + offs_k
-    a_ptrs = a_rows + k[None, :] * stride_a_k
-    a_mask = valid[:, None] & (k[None, :] < a_limit)
-    w_ptrs = w_base + w_cols[None, :] * stride_w_n + k[:, None] * stride_w_k
-    w_mask = col_mask[None, :] & (k[:, None] < in_features)
-    if HAS_LORA:
-        lora_step = i >= n_base
-        r = tl.where(lora_step, ((i - n_base) % r_steps) * BLOCK_K, rank) + offs_k
-        lora_slot = tl.where(lora_step, current, 0).to(tl.int64)
-        a_ptrs = tl.where(
-            lora_step, s_ptr + pos[:, None].to(tl.int64) * stride_s_m + (s_col0 + r)[None, :] * stride_s_r, a_ptrs
+    r_steps = tl.cdiv(rank, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    s_rows = s_ptr + pos[:, None].to(tl.int64) * stride_s_m
+    current = _first_slot(slot)
+    for step in range(0, _count_slots(slot) * r_steps):
+        r = (step % r_steps) * BLOCK_K + offs_k
+        r_mask = r < rank
+        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=(slot == current)[:, None] & r_mask[None, :], other=0.0)
+        b = tl.load(
+            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
+            + b_rows[None, :] * stride_b_n + r[:, None] * stride_b_r,
+            mask=b_row_mask[None, :] & r_mask[:, None],
+            other=0.0,
         )
-        a_mask = a_mask | ((slot == current)[:, None] & (r[None, :] < rank))
-        b_base = b_ptr + lora_slot * stride_b_l + expert * stride_b_e
-        w_ptrs = tl.where(lora_step, b_base + w_cols[None, :] * stride_b_n + r[:, None] * stride_b_r, w_ptrs)
-        w_mask = w_mask | (col_mask[None, :] & (r[:, None] < rank))
-    return a_ptrs, a_mask, w_ptrs, w_mask
-
-
-@triton.jit
-def _advance_slot(i, n_base, r_steps, slot, current):
-    """The slot of step ``i + 1``: the next one once the last rank step of ``current`` is done."""
-    last_rank_step = tl.where(i >= n_base, (i - n_base) % r_steps, -1) == r_steps - 1
-    return tl.where(last_rank_step, _next_slot(slot, current), current)
+        acc += tl.dot(s, b, input_precision=PRECISION)
+        current = tl.where(step % r_steps == r_steps - 1, _next_slot(slot, current), current)
+    return acc
 
 
 @triton.jit
@@ -227,42 +217,41 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + token[:, None].to(tl.int64) * stride_x_m
     w_base = w13_ptr + expert * stride_w_e
-    n_base = tl.cdiv(hidden, BLOCK_K)
-    r_steps = tl.cdiv(rank, BLOCK_K)
-    num_steps = n_base
-    current = _first_slot(slot)
-    if HAS_LORA:
-        num_steps += _count_slots(slot) * r_steps
-    if SPLIT_GATE_UP:
-        up_col0 = rank
-        up_a_limit = 0  # x is not read again for the up rows
-    else:
-        up_col0 = 0
-        up_a_limit = hidden
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, num_steps):
-        a_ptrs, a_mask, w_ptrs, w_mask = _step_operands(
-            i, n_base, r_steps, current, slot, pos, valid, offs_k, hidden, hidden, rank,
-            x_rows, stride_x_k, s1_ptr, 0, stride_s_m, stride_s_r,
-            w_base, gate_rows, n_mask, stride_w_n, stride_w_k,
-            gu_b_ptr, expert, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, HAS_LORA, BLOCK_K,
-        )  # fmt: skip
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        acc_gate += tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), input_precision=PRECISION)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < hidden
+        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w_gate = tl.load(
+            w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
         if GATED:
-            a_ptrs, a_mask, w_ptrs, w_mask = _step_operands(
-                i, n_base, r_steps, current, slot, pos, valid, offs_k, hidden, up_a_limit, rank,
-                x_rows, stride_x_k, s1_ptr, up_col0, stride_s_m, stride_s_r,
-                w_base, up_rows, n_mask, stride_w_n, stride_w_k,
-                gu_b_ptr, expert, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, HAS_LORA, BLOCK_K,
-            )  # fmt: skip
+            w_up = tl.load(
+                w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+                mask=n_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
+    if HAS_LORA:
+        acc_gate = _lora_steps(
+            acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, pos, gate_rows, n_mask, rank,
+            stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        if GATED:
             if SPLIT_GATE_UP:
-                # Up rows contract with the up half of s1; base steps keep the x tile already loaded.
-                a = tl.where(i < n_base, a, tl.load(a_ptrs, mask=a_mask, other=0.0))
-            acc_up += tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), input_precision=PRECISION)
-        if HAS_LORA:
-            current = _advance_slot(i, n_base, r_steps, slot, current)
+                up_col0 = rank
+            else:
+                up_col0 = 0
+            acc_up = _lora_steps(
+                acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, pos, up_rows, n_mask, rank,
+                stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            )  # fmt: skip
     if WEIGHT_ON_INPUT:
         w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc_gate *= w[:, None]
@@ -305,25 +294,23 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + pos[:, None].to(tl.int64) * stride_h_m
     w_base = w2_ptr + expert * stride_w_e
-    n_base = tl.cdiv(inter, BLOCK_K)
-    r_steps = tl.cdiv(rank, BLOCK_K)
-    num_steps = n_base
-    current = _first_slot(slot)
-    if HAS_LORA:
-        num_steps += _count_slots(slot) * r_steps
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, num_steps):
-        a_ptrs, a_mask, w_ptrs, w_mask = _step_operands(
-            i, n_base, r_steps, current, slot, pos, valid, offs_k, inter, inter, rank,
-            h_rows, stride_h_k, s2_ptr, 0, stride_s_m, stride_s_r,
-            w_base, offs_n, n_mask, stride_w_n, stride_w_k,
-            d_b_ptr, expert, stride_db_l, stride_db_e, stride_db_n, stride_db_r, HAS_LORA, BLOCK_K,
-        )  # fmt: skip
-        acc += tl.dot(
-            tl.load(a_ptrs, mask=a_mask, other=0.0), tl.load(w_ptrs, mask=w_mask, other=0.0), input_precision=PRECISION
+    for k0 in range(0, inter, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < inter
+        hs = tl.load(h_rows + k[None, :] * stride_h_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(
+            w_base + offs_n[None, :] * stride_w_n + k[:, None] * stride_w_k,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
         )
-        if HAS_LORA:
-            current = _advance_slot(i, n_base, r_steps, slot, current)
+        acc += tl.dot(hs, w, input_precision=PRECISION)
+    if HAS_LORA:
+        acc = _lora_steps(
+            acc, s2_ptr, 0, d_b_ptr, expert, slot, pos, offs_n, n_mask, rank,
+            stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b2_ptr + expert * stride_b2_e + offs_n * stride_b2_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if not WEIGHT_ON_INPUT:
@@ -355,6 +342,26 @@ def _sum_topk_kernel(
 
 def _launch_options(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def fit_shared_memory(cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None) -> dict:
+    """``cfg`` with fewer pipeline stages, then a smaller K tile, until its tiles fit ``limit`` bytes.
+
+    Tuned configs are for 16-bit operands; float32 doubles the bytes of every stage. Each stage
+    holds one ``[block_m, block_k]`` A tile and ``b_tiles`` ``[block_k, block_n]`` B tiles.
+    """
+    if limit is None:
+        return cfg
+    cfg = dict(cfg)
+
+    def need() -> int:
+        return cfg["num_stages"] * cfg["block_k"] * (block_m + b_tiles * cfg["block_n"]) * element_size
+
+    while need() > limit and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need() > limit and cfg["block_k"] > 16:
+        cfg["block_k"] //= 2
+    return cfg
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -409,7 +416,8 @@ def fused_experts_triton(
         rank = down_rank = 0
         s1 = s2 = x.new_empty(1, 1)
         gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
-    cfg = config["gate_up"]
+    smem = _shared_memory_limit(x.device)
+    cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
         x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h, *rows,
         num_pairs, top_k, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
@@ -423,7 +431,7 @@ def fused_experts_triton(
     )  # fmt: skip
     if has_lora:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"])
-    cfg = config["down"]
+    cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
         h, w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y, *rows,
         num_pairs, top_k, hidden, inter, down_rank, max_blocks,
@@ -441,6 +449,16 @@ def fused_experts_triton(
     return out
 
 
+@functools.cache
+def _shared_memory_per_device(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def _shared_memory_limit(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (None elsewhere, e.g. the interpreter)."""
+    return _shared_memory_per_device(device.index) if device.type == "cuda" else None
+
+
 def _rank_block(rank: int) -> int:
     """A rank tile: a power of two >= 16 (tl.dot's smallest K)."""
     return max(16, triton.next_power_of_2(max(rank, 1)))
@@ -451,7 +469,8 @@ def _shrink(
     num_pairs, top_k, num_slots, block_m, sub_m, by_token, cfg,
 ):  # fmt: skip
     rank_total, in_features = a.shape[2], a.shape[3]
-    block_r = min(cfg["block_r"], _rank_block(rank_total))
+    block_r = min(cfg["max_block_r"], _rank_block(rank_total))
+    cfg = fit_shared_memory({**cfg, "block_n": block_r}, sub_m, 1, inp.element_size(), _shared_memory_limit(inp.device))
     slots_per_sub = min(sub_m, num_slots)
     grid = (expert_of_block.shape[0] * (block_m // sub_m), slots_per_sub, triton.cdiv(rank_total, block_r))
     _lora_shrink_kernel[grid](
