@@ -2,7 +2,9 @@
 
 ``<device>.json`` (device name with non-alphanumerics replaced by ``_``) maps a shape key
 ``E=..,H=..,I=..,K=..`` to token-count buckets, each a config; ``default.json`` holds configs
-by bucket for any device and shape without a tuned entry. ``benchmarks/tune.py`` writes device files.
+for any device and shape without a tuned entry, by average rows per expert (``T * K / E``), which
+decides the tile shapes across models with few large experts and many small ones alike.
+``benchmarks/tune.py`` writes device files.
 """
 
 from __future__ import annotations
@@ -41,4 +43,5 @@ def get_config(device_name: str | None, num_experts: int, hidden: int, inter: in
         tuned = _load(device_file_name(device_name)).get(shape_key(num_experts, hidden, inter, top_k))
         if tuned:
             return _pick_bucket(tuned, num_tokens)
-    return _pick_bucket(_load("default.json")["buckets"], num_tokens)
+    rows_per_expert = -(-num_tokens * top_k // num_experts)
+    return _pick_bucket(_load("default.json")["buckets"], rows_per_expert)
