@@ -160,7 +160,10 @@ def plot(rows, path):
             sel = [r for r in rows if r["shape"] == shape and r["rank"] == rank and r["scenario"] == "uniform16"]
             ax.plot([r["T"] for r in sel], [r["pct_roofline"] for r in sel], marker="o", label=f"rank {rank}, 16 adapters")
         ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 100)
+        # Decode cells can pass 100%: the byte ceiling is the measured copy bandwidth, and streaming
+        # reads of weights run faster than a copy.
+        ax.set_ylim(0, max(100, max((r["pct_roofline"] for r in rows if r["shape"] == shape), default=0) + 10))
+        ax.axhline(100, color="gray", lw=0.8)
         ax.set_title(shape)
         ax.set_xlabel("tokens")
         ax.set_ylabel("% of roofline")
