@@ -11,59 +11,55 @@ import torch
 from torch_moe_lora import LoRAWeights
 
 
+def _median_ms_per_call(run_all, num_calls: int, replays: int, budget_ms: float) -> float:
+    """Median over replays of ``run_all()`` (which makes ``num_calls`` calls), in ms per call.
+
+    Timed with CUDA events; replays stop early once ``budget_ms`` is spent (after at least three).
+    """
+    times = []
+    spent = 0.0
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run_all()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / num_calls)
+        spent += times[-1] * num_calls
+        if spent > budget_ms and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def _run_each(calls) -> None:
+    for call in calls:
+        call()
+
+
 def time_graph(calls, *, replays: int = 20, budget_ms: float = 400.0) -> float:
     """Median milliseconds per call of ``calls`` (a list of closures) captured in one CUDA graph.
 
     The closures run different input sets one after another inside the graph, so repeated replays
-    do not find one set's weights in L2. Replays stop early once ``budget_ms`` is spent.
+    do not find one set's weights in L2.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for call in calls:
-            call()
+        _run_each(calls)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+        _run_each(calls)
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    spent = 0.0
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-        spent += times[-1] * len(calls)
-        if spent > budget_ms and len(times) >= 3:
-            break
-    del graph
-    return statistics.median(times)
+    return _median_ms_per_call(graph.replay, len(calls), replays, budget_ms)
 
 
 def time_eager(calls, *, replays: int = 10, budget_ms: float = 400.0) -> float:
     """Median milliseconds per call for code that cannot be captured (host syncs), rotating inputs."""
-    for call in calls:
-        call()
+    _run_each(calls)
     torch.cuda.synchronize()
-    times = []
-    spent = 0.0
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for call in calls:
-            call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-        spent += times[-1] * len(calls)
-        if spent > budget_ms and len(times) >= 3:
-            break
-    return statistics.median(times)
+    return _median_ms_per_call(lambda: _run_each(calls), len(calls), replays, budget_ms)
 
 
 @dataclass
