@@ -55,8 +55,15 @@ def make_adapters(model, count: int, root: Path, rank: int) -> dict[str, str]:
     return paths
 
 
-def tokens_per_second(model, ids, new_tokens: int, repeats: int = 2) -> float:
+def tokens_per_second(model, ids, new_tokens: int, repeats: int = 2, compiled: bool = False) -> float:
+    """Generated tokens per second over ``repeats`` greedy generations after a warm-up one.
+
+    ``compiled``: a static KV cache, with which transformers compiles the decode step
+    (``torch.compile``, CUDA graphs) on its own.
+    """
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if compiled:
+        kwargs["cache_implementation"] = "static"
     with torch.no_grad():
         model.generate(ids, **kwargs)
         torch.cuda.synchronize()
@@ -76,6 +83,7 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--adapter-dir", type=Path, default=Path("/tmp/moe_lora_e2e_adapters"))
+    parser.add_argument("--compiled", action="store_true", help="also time the unpatched and patched models compiled")
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -110,6 +118,14 @@ def main():
             record(f"patched, {in_batch} adapters in the batch", tokens_per_second(model, ids, args.new_tokens))
     with handle.adapters([None] * args.batch):
         record("patched, no adapter", tokens_per_second(model, ids, args.new_tokens))
+    if args.compiled:
+        for in_batch in (1, 16):
+            names = [f"adapter{i % in_batch}" for i in range(args.batch)]
+            with handle.adapters(names):
+                tps = tokens_per_second(model, ids, args.new_tokens, compiled=True)
+            record(f"patched + compiled, {in_batch} adapters in the batch", tps)
+        handle.unpatch()
+        record("unpatched + compiled, no LoRA", tokens_per_second(model, ids, args.new_tokens, compiled=True))
     out_dir = args.out / device_file_name(device).removesuffix(".json")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "e2e_qwen3_30b_a3b_layers.json").write_text(json.dumps(dict(device=device, args=vars(args) | {"out": str(args.out), "adapter_dir": str(args.adapter_dir)}, rows=rows), indent=1))
