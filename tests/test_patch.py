@@ -297,8 +297,8 @@ def test_unpatch_restores_the_model(peft_adapters):
 
 def test_patch_refusals():
     model = tiny_model("qwen3_moe")
-    with pytest.raises(NotImplementedError, match="process_group"):
-        patch_model(model, {}, max_loras=2, max_rank=4, process_group=object())
+    with pytest.raises(ValueError, match="parallelism must be one of"):
+        patch_model(model, {}, max_loras=2, max_rank=4, process_group=object(), parallelism="pipeline")
     with pytest.raises(ValueError, match="give max_loras and max_rank"):
         patch_model(model, {})
     dense = AutoModelForCausalLM.from_config(transformers.LlamaConfig(**COMMON, intermediate_size=48))

@@ -73,6 +73,16 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weig
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+FULL_PARAMETERS_ATTR = "_moe_lora_full_parameters"
+"""Attribute of an experts module whose parameters were sharded (``parallel.py``): name -> a meta
+tensor of the whole parameter's shape, against which adapters written for the whole model are read."""
+
+
+def _whole_parameter(experts: nn.Module, name: str) -> torch.Tensor:
+    """The parameter ``name`` as the whole model has it (its full-shape meta tensor on a shard)."""
+    return getattr(experts, FULL_PARAMETERS_ATTR, {}).get(name, getattr(experts, name))
+
+
 class LinearLoRA(NamedTuple):
     """The LoRA of one ``nn.Linear``: ``a [r, in]``, ``b [out, r]`` (the file's dtype) and its scale."""
 
@@ -316,7 +326,7 @@ class _Reader:
     def experts_pair(self, path: str, param: str, block: MoEBlock, a: torch.Tensor, b: torch.Tensor):
         """``(A [E, r, in], B [E, out, r])`` in the op's layout, and the scale."""
         experts, spec = block.experts, block.spec
-        weight = getattr(experts, param)
+        weight = _whole_parameter(experts, param)
         num_experts, d1, d2 = weight.shape
         peft_transposed = bool(getattr(experts, "is_transposed", False))
         peft_in, peft_out = (d1, d2) if peft_transposed else (d2, d1)
@@ -347,7 +357,10 @@ class _Reader:
         Experts without a LoRA get zeros; each expert's scale is folded into its B relative to the
         largest-magnitude scale of the role, which is returned with the stacked pair.
         """
-        w13, w2 = block.spec.w13(block.experts), block.spec.w2(block.experts)
+        w13 = _whole_parameter(block.experts, block.spec.w13_name)
+        w2 = _whole_parameter(block.experts, block.spec.w2_name)
+        if block.spec.transposed:
+            w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         num_experts, hidden, inter = w2.shape
         if not block.spec.gated or w13.shape[1] != 2 * inter:
             raise self.unsupported(f"per-expert gate/up LoRAs on non-gated experts ({block.name})")

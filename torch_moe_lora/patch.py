@@ -23,6 +23,7 @@ from .linear import MultiLoRALinear, RowSlots
 from .lora import ExpertLoRASlots
 from .models import ExpertsSpec, MoEBlock, find_moe_blocks, whole_block_forward
 from .ops.fused_experts import fused_experts
+from .parallel import ExpertSharding
 from .reference import gate_rows_ref
 
 EXPERTS_IMPLEMENTATION = "moe_lora"
@@ -32,17 +33,21 @@ _STATE_ATTR = "_moe_lora"
 
 
 class _ExpertsLoRA:
-    """What the patched experts of one block read: their spec, LoRA table and the row mapping."""
+    """What the patched experts of one block read: their spec, LoRA table, the row mapping and,
+    under parallelism, this rank's sharding (local expert ids, then one all-reduce of the output)."""
 
-    def __init__(self, spec: ExpertsSpec, table: ExpertLoRASlots, row_slots: RowSlots):
-        self.spec, self.table, self.row_slots = spec, table, row_slots
+    def __init__(
+        self, spec: ExpertsSpec, table: ExpertLoRASlots, row_slots: RowSlots, sharding: ExpertSharding | None
+    ):
+        self.spec, self.table, self.row_slots, self.sharding = spec, table, row_slots, sharding
 
     def __call__(self, experts: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         token_lora = self.row_slots.token_slots(x.shape[0], x.device)
         lora = None if token_lora is None else self.table.weights
-        return fused_experts(
-            x, topk_ids, topk_weights, token_lora=token_lora, lora=lora, **self.spec.op_kwargs(experts)
-        )
+        if self.sharding is not None:
+            topk_ids = self.sharding.local_ids(topk_ids, self.table.num_experts)
+        out = fused_experts(x, topk_ids, topk_weights, token_lora=token_lora, lora=lora, **self.spec.op_kwargs(experts))
+        return out if self.sharding is None else self.sharding.reduce(out)
 
 
 def moe_lora_experts(
@@ -85,14 +90,24 @@ class MoELoRAModel:
         max_rank: ``R``, the largest adapter rank the tables hold.
     """
 
-    def __init__(self, model: nn.Module, blocks: list[MoEBlock], max_loras: int, max_rank: int, split_gate_up: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[MoEBlock],
+        max_loras: int,
+        max_rank: int,
+        split_gate_up: bool,
+        sharding: ExpertSharding | None = None,
+    ):
         self.model, self.blocks, self.max_loras, self.max_rank = model, blocks, max_loras, max_rank
+        self.sharding = sharding
         self.device = blocks[0].spec.w13(blocks[0].experts).device
         self.row_slots = RowSlots()
         self._slot_of: dict[str, int] = {}
         self._row_names: list[str | None] | None = None
         self._linears: dict[str, tuple[nn.Linear, MultiLoRALinear]] = {}
         self._tables: dict[str, ExpertLoRASlots] = {}
+        self._block_of = {block.name: block for block in blocks}
         self._previous_implementation: dict[int, tuple[object, str | None]] = {}
         for block in blocks:
             w13, w2 = block.spec.w13(block.experts), block.spec.w2(block.experts)
@@ -109,7 +124,7 @@ class MoELoRAModel:
     def _patch_blocks(self) -> None:
         ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
         for block in self.blocks:
-            state = _ExpertsLoRA(block.spec, self._tables[block.name], self.row_slots)
+            state = _ExpertsLoRA(block.spec, self._tables[block.name], self.row_slots, self.sharding)
             setattr(block.experts, _STATE_ATTR, state)
             if _is_interface_block(block):
                 config = block.experts.config
@@ -134,7 +149,13 @@ class MoELoRAModel:
 
         Returns:
             The model.
+
+        Raises:
+            NotImplementedError: the experts were sharded over a process group (their full weights
+                are gone).
         """
+        if self.sharding is not None:
+            raise NotImplementedError("unpatch: the experts are sharded over a process group; reload the model")
         for config, implementation in self._previous_implementation.values():
             config._experts_implementation = implementation
         for block in self.blocks:
@@ -169,12 +190,17 @@ class MoELoRAModel:
             experts = dict(adapter.experts)
             for block in self.blocks:
                 if block.name in experts:
-                    rows = block.spec.w13(block.experts).shape[1]
-                    gate_rows = gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
-                    experts[block.name] = experts[block.name].joined(gate_rows)
+                    experts[block.name] = experts[block.name].joined(self._whole_gate_rows(block))
             adapter = adapter._replace(experts=experts)
         _check_rank(adapter, self.max_rank, joined)
         return adapter
+
+    def _whole_gate_rows(self, block: MoEBlock) -> torch.Tensor:
+        """``[2I]`` bool gate-row mask of the whole (unsharded) model's gate_up rows."""
+        if self.sharding is not None:
+            return self.sharding.full_gate_rows(block)
+        rows = block.spec.w13(block.experts).shape[1]
+        return gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
 
     def _write(self, slot: int, adapter: AdapterLoRA) -> None:
         for name in adapter.linears:
@@ -190,6 +216,8 @@ class MoELoRAModel:
             if lora is None:
                 table.clear_slot(slot)
                 continue
+            if self.sharding is not None:
+                lora = self.sharding.shard_lora(lora, self._block_of[block_name])
             as_table = dict(dtype=table.weights.gate_up_a.dtype, device=table.weights.gate_up_a.device)
             pairs = {
                 role: tuple(t.to(**as_table) for t in pair)
@@ -303,6 +331,7 @@ def patch_model(
     max_loras: int | None = None,
     max_rank: int | None = None,
     process_group=None,
+    parallelism: str = "tensor",
 ) -> MoELoRAModel:
     """Patches ``model`` in place for per-row multi-LoRA inference and loads ``loras``.
 
@@ -312,18 +341,26 @@ def patch_model(
             slots ``0, 1, ...`` in order.
         max_loras: slots per layer; defaults to ``len(loras)``.
         max_rank: the largest rank the tables hold; defaults to the largest adapter rank.
-        process_group: tensor parallelism is not implemented yet; must be None.
+        process_group: a ``torch.distributed`` group over which to split the routed experts (every
+            rank calls ``patch_model`` with the same model and adapters); None runs unsplit.
+        parallelism: with a group, ``"tensor"`` (each rank keeps ``I / world`` intermediate columns
+            of every expert) or ``"expert"`` (each rank keeps ``E / world`` experts); see
+            ``torch_moe_lora.parallel``. Attention, embeddings, shared experts and routers stay
+            replicated.
 
     Returns:
         The ``MoELoRAModel`` handle (``set_adapters``, ``adapters``, ``load_adapter``, ...).
 
     Raises:
-        NotImplementedError: ``process_group`` given; no supported MoE block; unsupported adapter
-            features. ValueError: adapters that do not fit the model or the tables.
+        NotImplementedError: no supported MoE block; unsupported adapter features.
+        ValueError: adapters that do not fit the model or the tables; a block that does not split
+            evenly over the group.
     """
-    if process_group is not None:
-        raise NotImplementedError("patch_model: tensor parallelism (process_group) is not implemented yet")
     blocks = find_moe_blocks(model)
+    sharding = None if process_group is None else ExpertSharding.create(process_group, parallelism)
+    if sharding is not None:
+        for block in blocks:
+            sharding.check(block)
     if any(hasattr(block.experts, _STATE_ATTR) for block in blocks):
         raise ValueError(f"{type(model).__name__} is already patched; call unpatch() on its handle first")
     adapters = {name: read_adapter(name, source, model, blocks) for name, source in loras.items()}
@@ -335,7 +372,11 @@ def patch_model(
         raise ValueError(f"patch_model: {len(adapters)} adapters do not fit max_loras={max_loras}")
     for adapter in adapters.values():
         _check_rank(adapter, max_rank)
-    handle = MoELoRAModel(model, blocks, max_loras, max_rank, any(a.split_gate_up for a in adapters.values()))
+    if sharding is not None:
+        for block in blocks:
+            sharding.shard_block(block)
+    split_gate_up = any(a.split_gate_up for a in adapters.values())
+    handle = MoELoRAModel(model, blocks, max_loras, max_rank, split_gate_up, sharding)
     for slot, adapter in enumerate(adapters.values()):
         handle._write(slot, adapter)
         handle._slot_of[adapter.name] = slot

@@ -1,0 +1,105 @@
+"""Tensor and expert parallelism: ranks of a process group against the single-process patched model.
+
+On the CPU two gloo processes (``torch.multiprocessing`` spawn) each patch the same tiny model with
+the same PEFT adapters, split over the group, and run a mixed-adapter batch eagerly and under
+``torch.compile(fullgraph=True)``; every rank's logits and greedy tokens must equal the unsplit
+patched model's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_models import tiny_model
+from test_patch import GENERATE, ROWS, batch_ids, make_peft_adapters
+
+from torch_moe_lora import patch_model
+from torch_moe_lora.models import find_moe_blocks
+from torch_moe_lora.parallel import ExpertSharding
+
+WORLD = 2
+# Interface experts (plain, and GPT-OSS: transposed, interleaved, biases) and a whole block (Llama 4).
+FAMILIES = ["qwen3_moe", "gpt_oss", "llama4"]
+
+
+def run_batch(model, handle):
+    ids = batch_ids()
+    with torch.no_grad(), handle.adapters(ROWS):
+        logits = model(ids).logits
+        tokens = model.generate(ids, **GENERATE)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    return logits, tokens, compiled
+
+
+def worker(rank: int, family: str, adapters: dict, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for mode in ("tensor", "expert"):
+            model = tiny_model(family)
+            handle = patch_model(model, adapters, process_group=dist.group.WORLD, parallelism=mode)
+            torch._dynamo.reset()
+            results[mode] = run_batch(model, handle)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_model_matches_unsplit(family, tmp_path):
+    made = make_peft_adapters(family, tmp_path)
+    adapters = {name: path for name, (path, _) in made.items()}
+    model = tiny_model(family)
+    torch._dynamo.reset()
+    ref_logits, ref_tokens, _ = run_batch(model, patch_model(model, adapters))
+    mp.spawn(worker, args=(family, adapters, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    scale = ref_logits.abs().max().item()
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for mode, (logits, tokens, compiled) in results.items():
+            diff = (logits - ref_logits).abs().max().item()
+            compiled_diff = (compiled - ref_logits).abs().max().item()
+            print(f"{family} {mode} rank {rank}: max |diff| {diff:.2e}, compiled {compiled_diff:.2e} (scale {scale:.2e})")
+            assert diff <= 1e-5 * scale, (family, mode, rank, diff)
+            assert compiled_diff <= 1e-5 * scale, (family, mode, rank, compiled_diff)
+            assert torch.equal(tokens, ref_tokens), (family, mode, rank)
+
+
+def test_uneven_split_is_refused():
+    block = find_moe_blocks(tiny_model("qwen3_moe"))[0]
+    experts, _, inter = block.spec.w2(block.experts).shape
+    with pytest.raises(ValueError, match=f"intermediate size I \\({inter}\\) to be a multiple of 3"):
+        ExpertSharding("tensor", None, 0, 3).check(block)
+    with pytest.raises(ValueError, match=f"expert count E \\({experts}\\) to be a multiple of 3"):
+        ExpertSharding("expert", None, 0, 3).check(block)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shards_hold_their_slices(family):
+    """Rank 1 of 2 keeps the second half of the intermediate columns (TP) or of the experts (EP),
+    in the module's own layout; the full shapes stay readable for adapters."""
+    whole = find_moe_blocks(tiny_model(family))[0]
+    w13, w2 = whole.spec.w13(whole.experts), whole.spec.w2(whole.experts)
+    num_experts, _, inter = w2.shape
+    half = inter // 2
+    for mode in ("tensor", "expert"):
+        block = find_moe_blocks(tiny_model(family))[0]
+        ExpertSharding(mode, None, 1, 2).shard_block(block)
+        got13, got2 = block.spec.w13(block.experts), block.spec.w2(block.experts)
+        if mode == "expert":
+            assert torch.equal(got13, w13[num_experts // 2 :]) and torch.equal(got2, w2[num_experts // 2 :])
+            continue
+        cols = torch.arange(half, inter)
+        if block.spec.interleaved:
+            rows = torch.stack([2 * cols, 2 * cols + 1], 1).flatten()
+        else:
+            rows = torch.cat([cols, inter + cols])
+        assert torch.equal(got13, w13[:, rows]) and torch.equal(got2, w2[:, :, half:])
+        if block.spec.w2_bias_name is not None:
+            assert not block.spec.w2_bias(block.experts).any(), "only rank 0 adds the down bias"
+        full = block.experts._moe_lora_full_parameters[block.spec.w13_name]
+        assert full.device.type == "meta" and full.shape == getattr(whole.experts, block.spec.w13_name).shape

@@ -1,0 +1,150 @@
+"""Tensor and expert parallelism of the patched MoE blocks over a ``torch.distributed`` group.
+
+Every rank runs the whole model on the whole batch (attention, embeddings, shared experts and the
+router stay replicated); only the routed experts and their LoRA tables are split, and each MoE
+layer ends in one all-reduce of its ``[T, H]`` output, issued once for base and LoRA together
+through functional collectives (so ``torch.compile`` traces it without a graph break).
+
+* ``"tensor"``: each rank keeps the intermediate columns ``[r I / W, (r + 1) I / W)`` of every
+  expert: gate/up rows (column-parallel) and down input columns (row-parallel), and the matching
+  LoRA slices (gate_up B rows, down A columns; gate_up A and down B replicated). The down bias is
+  added by rank 0 only.
+* ``"expert"``: each rank keeps experts ``[r E / W, (r + 1) E / W)`` and their LoRA; the router's
+  global expert ids are mapped to local ones, other experts to an out-of-range id that the op skips.
+  Since every rank already holds every token, dispatching them and combining the results is the
+  same all-reduce.
+
+Sharded parameters replace the module's own (the full weights are freed); the full shapes are kept
+on the module, as meta tensors, for reading adapters written for the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapters import FULL_PARAMETERS_ATTR, ExpertsLoRA
+from .models import MoEBlock
+from .reference import gate_rows_ref
+
+MODES = ("tensor", "expert")
+
+
+@dataclass(frozen=True)
+class ExpertSharding:
+    """One rank's share of the experts.
+
+    Attributes:
+        mode: ``"tensor"`` or ``"expert"``.
+        group: the process group; ``rank`` and ``world`` are this rank's index and the group size.
+    """
+
+    mode: str
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+
+    @classmethod
+    def create(cls, group: dist.ProcessGroup, mode: str) -> ExpertSharding:
+        if mode not in MODES:
+            raise ValueError(f"parallelism must be one of {MODES}, got {mode!r}")
+        return cls(mode, group, dist.get_rank(group), dist.get_world_size(group))
+
+    def check(self, block: MoEBlock) -> None:
+        """Raises a clear error when the block does not split evenly over the group."""
+        num_experts, _, inter = block.spec.w2(block.experts).shape
+        size, what = (inter, "intermediate size I") if self.mode == "tensor" else (num_experts, "expert count E")
+        if size % self.world:
+            raise ValueError(
+                f"{block.name}: {self.mode} parallelism over {self.world} ranks needs the {what} ({size}) to be a "
+                f"multiple of {self.world}"
+            )
+
+    def _span(self, size: int) -> slice:
+        share = size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def _gate_up_rows(self, block: MoEBlock, rows: int) -> torch.Tensor:
+        """Indices of this rank's gate_up rows in the op's row order (gate shard then up shard)."""
+        spec = block.spec
+        inter = rows // 2 if spec.gated else rows
+        cols = torch.arange(inter)[self._span(inter)]
+        if not spec.gated:
+            return cols
+        if spec.interleaved:
+            return torch.stack([2 * cols, 2 * cols + 1], dim=1).flatten()
+        return torch.cat([cols, inter + cols])
+
+    def shard_block(self, block: MoEBlock) -> None:
+        """Replaces the experts' parameters with this rank's shard, in place."""
+        self.check(block)
+        experts, spec = block.experts, block.spec
+        full = {}
+        names = [spec.w13_name, spec.w2_name, spec.w13_bias_name, spec.w2_bias_name]
+        for name in names:
+            if name is not None:
+                full[name] = torch.empty_like(getattr(experts, name), device="meta")
+        w13, w2 = spec.w13(experts), spec.w2(experts)
+        w13_bias, w2_bias = spec.w13_bias(experts), spec.w2_bias(experts)
+        if self.mode == "expert":
+            experts_span = self._span(w2.shape[0])
+            new = {name: getattr(experts, name)[experts_span] for name in names if name is not None}
+        else:
+            rows = self._gate_up_rows(block, w13.shape[1]).to(w13.device)
+            cols = self._span(w2.shape[2])
+            new_w13, new_w2 = w13[:, rows], w2[:, :, cols]
+            new = {
+                spec.w13_name: new_w13.transpose(1, 2) if spec.transposed else new_w13,
+                spec.w2_name: new_w2.transpose(1, 2) if spec.transposed else new_w2,
+            }
+            if w13_bias is not None:
+                new[spec.w13_bias_name] = w13_bias[:, rows]
+            if w2_bias is not None:
+                new[spec.w2_bias_name] = w2_bias if self.rank == 0 else torch.zeros_like(w2_bias)
+        for name, value in new.items():
+            setattr(experts, name, nn.Parameter(value.contiguous(), requires_grad=False))
+        setattr(experts, FULL_PARAMETERS_ATTR, full)
+
+    def shard_lora(self, lora: ExpertsLoRA, block: MoEBlock) -> ExpertsLoRA:
+        """The slices of a whole-model expert LoRA that this rank's table holds."""
+        if self.mode == "expert":
+            span = self._span(next(p for p in lora[:4] if p is not None)[0].shape[0])
+
+            def keep(pair):
+                return None if pair is None else (pair[0][span], pair[1][span])
+
+            return lora._replace(gate_up=keep(lora.gate_up), gate=keep(lora.gate), up=keep(lora.up), down=keep(lora.down))
+        gate_up, gate, up, down = lora.gate_up, lora.gate, lora.up, lora.down
+        if gate_up is not None:
+            rows = self._gate_up_rows(block, gate_up[1].shape[1])
+            gate_up = (gate_up[0], gate_up[1][:, rows])
+        if gate is not None:
+            gate = (gate[0], gate[1][:, self._span(gate[1].shape[1])])
+        if up is not None:
+            up = (up[0], up[1][:, self._span(up[1].shape[1])])
+        if down is not None:
+            down = (down[0][:, :, self._span(down[0].shape[2])], down[1])
+        return lora._replace(gate_up=gate_up, gate=gate, up=up, down=down)
+
+    def full_gate_rows(self, block: MoEBlock) -> torch.Tensor:
+        """``[2I]`` bool gate-row mask of the whole model's gate_up rows."""
+        full = getattr(block.experts, FULL_PARAMETERS_ATTR)[block.spec.w13_name]
+        rows = full.shape[2] if block.spec.transposed else full.shape[1]
+        return gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
+
+    def local_ids(self, topk_ids: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+        """Global expert ids to this rank's (expert parallelism); ids of other ranks' experts become
+        ``num_local_experts``, which the op skips."""
+        if self.mode != "expert":
+            return topk_ids
+        local = topk_ids - self.rank * num_local_experts
+        return torch.where((local >= 0) & (local < num_local_experts), local, num_local_experts)
+
+    def reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """Sums the ranks' partial ``[T, H]`` outputs (functional all-reduce)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(out, "sum", self.group)
