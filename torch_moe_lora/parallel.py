@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 from .adapters import FULL_PARAMETERS_ATTR, ExpertsLoRA
 from .models import MoEBlock
@@ -145,6 +146,4 @@ class ExpertSharding:
 
     def reduce(self, out: torch.Tensor) -> torch.Tensor:
         """Sums the ranks' partial ``[T, H]`` outputs (functional all-reduce)."""
-        from torch.distributed import _functional_collectives as funcol
-
         return funcol.all_reduce(out, "sum", self.group)
