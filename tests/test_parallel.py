@@ -3,7 +3,7 @@
 On the CPU two gloo processes (``torch.multiprocessing`` spawn) each patch the same tiny model with
 the same PEFT adapters, split over the group, and run a mixed-adapter batch eagerly and under
 ``torch.compile(fullgraph=True)``; every rank's logits and greedy tokens must equal the unsplit
-patched model's.
+patched model's. Each rank reads only its slices of the adapter files.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_adapters import legacy_adapter, save_adapter
 from test_models import tiny_model
-from test_patch import GENERATE, ROWS, batch_ids, make_peft_adapters
+from test_patch import ADAPTERS, GENERATE, ROWS, batch_ids, make_peft_adapters
 
 from torch_moe_lora import patch_model
+from torch_moe_lora.adapters import ExpertsLoRA, StoredTensor, read_adapter
 from torch_moe_lora.models import find_moe_blocks
 from torch_moe_lora.parallel import ExpertSharding
+from torch_moe_lora.reference import gate_rows_ref
 
 WORLD = 2
 # Interface experts (plain, and GPT-OSS: transposed, interleaved, biases) and a whole block (Llama 4).
@@ -103,3 +106,91 @@ def test_shards_hold_their_slices(family):
             assert not block.spec.w2_bias(block.experts).any(), "only rank 0 adds the down bias"
         full = block.experts._moe_lora_full_parameters[block.spec.w13_name]
         assert full.device.type == "meta" and full.shape == getattr(whole.experts, block.spec.w13_name).shape
+
+
+def plain_shard(lora: ExpertsLoRA, block, sharding: ExpertSharding) -> ExpertsLoRA:
+    """This rank's slices of a whole-model expert LoRA, cut from the op-layout tensors."""
+
+    def span(size: int) -> slice:
+        share = size // sharding.world
+        return slice(sharding.rank * share, (sharding.rank + 1) * share)
+
+    def cut(pair, role):
+        if pair is None:
+            return None
+        a, b = pair
+        if sharding.mode == "expert":
+            return a[span(a.shape[0])], b[span(b.shape[0])]
+        if role == "down":
+            return a[:, :, span(a.shape[2])], b
+        if role == "gate_up":
+            return a, b[:, sharding._gate_up_rows(block, b.shape[1])]
+        return a, b[:, span(b.shape[1])]
+
+    return lora._replace(**{role: cut(getattr(lora, role), role) for role in ("gate_up", "gate", "up", "down")})
+
+
+def assert_same_lora(got: ExpertsLoRA, want: ExpertsLoRA, what: str) -> None:
+    for role in ("gate_up", "gate", "up", "down"):
+        g, w = getattr(got, role), getattr(want, role)
+        assert (g is None) == (w is None), (what, role)
+        if g is not None:
+            assert torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]), (what, role)
+    assert (got.gate_up_scale, got.down_scale) == (want.gate_up_scale, want.down_scale), what
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_read_takes_only_its_slices(family, tmp_path, monkeypatch):
+    """Each rank's read of a PEFT directory equals the whole read cut to its shard, and reads from
+    the file exactly the expert-LoRA elements it keeps."""
+    path, _ = make_peft_adapters(family, tmp_path, {"a": ADAPTERS["a"]})["a"]
+    model = tiny_model(family)
+    blocks = find_moe_blocks(model)
+    whole = read_adapter("a", path, model, blocks)
+    whole_elements = sum(t.numel() for lora in whole.experts.values() for pair in lora[:4] if pair for t in pair)
+    read_elements = {}
+    stored_getitem = StoredTensor.__getitem__
+
+    def counting_getitem(self, index):
+        out = stored_getitem(self, index)
+        read_elements[self.key] = read_elements.get(self.key, 0) + out.numel()
+        return out
+
+    monkeypatch.setattr(StoredTensor, "__getitem__", counting_getitem)
+    for mode in ("tensor", "expert"):
+        for rank in range(WORLD):
+            sharding = ExpertSharding(mode, None, rank, WORLD)
+            read_elements.clear()
+            shard = read_adapter("a", path, model, blocks, sharding)
+            kept = 0
+            for block in blocks:
+                assert_same_lora(shard.experts[block.name], plain_shard(whole.experts[block.name], block, sharding), mode)
+                kept += sum(t.numel() for pair in shard.experts[block.name][:4] if pair is not None for t in pair)
+            expert_reads = sum(n for key, n in read_elements.items() if ".experts." in key)
+            assert expert_reads == kept, (mode, rank, expert_reads, kept)
+            assert kept < whole_elements, (mode, rank, kept, whole_elements)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_sharded_read_of_per_expert_adapters(family, tmp_path):
+    """4.x per-expert adapters: the shard equals the whole read cut, also once joined into a gate_up
+    LoRA against a sharded block (what ``load_adapter`` does when the tables have no split slots)."""
+    state_dict, config = legacy_adapter(family, patterns=True)
+    path = save_adapter(tmp_path / "legacy", state_dict, config)
+    model = tiny_model(family)
+    blocks = find_moe_blocks(model)
+    whole = read_adapter("legacy", path, model, blocks)
+    for mode in ("tensor", "expert"):
+        for rank in range(WORLD):
+            sharding = ExpertSharding(mode, None, rank, WORLD)
+            shard = read_adapter("legacy", path, model, blocks, sharding)
+            sharded_model = tiny_model(family)
+            for block, sharded_block in zip(blocks, find_moe_blocks(sharded_model)):
+                whole_lora = whole.experts[block.name]
+                assert_same_lora(shard.experts[block.name], plain_shard(whole_lora, block, sharding), mode)
+                sharding.shard_block(sharded_block)
+                rows = sharded_block.spec.w13(sharded_block.experts).shape[1]
+                joined = shard.experts[block.name].joined(gate_rows_ref(rows, gated=True, interleaved=False))
+                whole_rows = block.spec.w13(block.experts).shape[1]
+                want = plain_shard(whole_lora.joined(gate_rows_ref(whole_rows, gated=True, interleaved=False)), block, sharding)
+                assert_same_lora(joined, want, f"{mode} joined")

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -160,6 +161,36 @@ class AdapterLoRA(NamedTuple):
         return any(e.split_gate_up for e in self.experts.values())
 
 
+class StoredTensor:
+    """A 2-D tensor of an open safetensors file; indexing reads only the indexed slice.
+
+    Attributes:
+        key: its name in the file; shape: its ``torch.Size``.
+    """
+
+    def __init__(self, file, key: str):
+        self.key, self._slice = key, file.get_slice(key)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+
+def _adapter_paths(path: str | os.PathLike) -> tuple[str, str]:
+    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
+    if not os.path.isfile(weights_path):
+        pickled = " (adapter_model.bin is a pickle and is not read: re-save with safetensors)"
+        raise FileNotFoundError(
+            f"{path}: no {ADAPTER_WEIGHTS}{pickled if os.path.isfile(os.path.join(path, 'adapter_model.bin')) else ''}"
+        )
+    return config_path, weights_path
+
+
 def load_adapter_files(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Reads ``adapter_config.json`` and ``adapter_model.safetensors`` from a PEFT adapter directory.
 
@@ -169,17 +200,30 @@ def load_adapter_files(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     Raises:
         FileNotFoundError: a file is missing (a pickled ``adapter_model.bin`` is named, not read).
     """
-    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
-    if not os.path.isfile(weights_path):
-        pickled = " (adapter_model.bin is a pickle and is not read: re-save with safetensors)"
-        raise FileNotFoundError(
-            f"{path}: no {ADAPTER_WEIGHTS}{pickled if os.path.isfile(os.path.join(path, 'adapter_model.bin')) else ''}"
-        )
+    config_path, weights_path = _adapter_paths(path)
     with open(config_path) as f:
         config = json.load(f)
     return load_file(weights_path, device="cpu"), config
+
+
+def open_adapter_files(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict]:
+    """Like ``load_adapter_files``, but nothing is read until a tensor is indexed (``StoredTensor``),
+    so that a rank holding a shard of the experts reads only its slices."""
+    config_path, weights_path = _adapter_paths(path)
+    with open(config_path) as f:
+        config = json.load(f)
+    file = safe_open(weights_path, framework="pt", device="cpu")
+    return {key: StoredTensor(file, key) for key in file.keys()}, config
+
+
+def _take(t, rows: list[slice] | None = None, cols: list[slice] | None = None) -> torch.Tensor:
+    """The rows (runs of dim 0) and columns (runs of dim 1) of a 2-D tensor or ``StoredTensor``,
+    concatenated in order; None takes the whole dimension. A ``StoredTensor`` reads only these."""
+    rows, cols = rows or [slice(None)], cols or [slice(None)]
+    blocks = [[t[r, c] for c in cols] for r in rows]
+    if len(rows) == 1 and len(cols) == 1:
+        return blocks[0][0]
+    return torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
 
 
 def _config_dict(config) -> dict:
@@ -207,8 +251,8 @@ def _fold(b: torch.Tensor, scale: float, table_scale: float) -> torch.Tensor:
 class _Reader:
     """Turns one adapter's state dict into an ``AdapterLoRA`` for one model."""
 
-    def __init__(self, name: str, config: dict, model: nn.Module, blocks: list[MoEBlock]):
-        self.name, self.config, self.model = name, config, model
+    def __init__(self, name: str, config: dict, model: nn.Module, blocks: list[MoEBlock], sharding=None):
+        self.name, self.config, self.model, self.sharding = name, config, model, sharding
         self.block_of_experts = {id(b.experts): b for b in blocks}
         self.block_of_name = {b.name: b for b in blocks}
         self.routers = {id(getattr(b.block, b.family.router_attr)) for b in blocks}
@@ -303,7 +347,7 @@ class _Reader:
         for target in self.config.get("target_parameters") or ():
             if f"{path}.weight" == target or f"{path}.weight".endswith(f".{target}"):
                 raise self.unsupported(f"target_parameters on nn.Linear weights ({path}.weight)")
-        return LinearLoRA(a, b, self.scale(path, rank))
+        return LinearLoRA(_take(a), _take(b), self.scale(path, rank))
 
     def expert_parameter(self, path: str, depth: int, block: MoEBlock) -> str:
         """Which experts parameter the wrapper ``depth`` levels below the outermost one targets."""
@@ -323,8 +367,9 @@ class _Reader:
             raise self.unsupported(f"LoRA on the expert parameter {path}.{name}")
         return name
 
-    def experts_pair(self, path: str, param: str, block: MoEBlock, a: torch.Tensor, b: torch.Tensor):
-        """``(A [E, r, in], B [E, out, r])`` in the op's layout, and the scale."""
+    def experts_pair(self, path: str, param: str, block: MoEBlock, a, b):
+        """``(A [E, r, in], B [E, out, r])`` in the op's layout (this rank's slices only, under
+        parallelism), and the scale."""
         experts, spec = block.experts, block.spec
         weight = _whole_parameter(experts, param)
         num_experts, d1, d2 = weight.shape
@@ -341,21 +386,39 @@ class _Reader:
                 f"{path}.{param}: LoRA B {tuple(b.shape)} does not match A {tuple(a.shape)} and the parameter "
                 f"{tuple(weight.shape)} (expected [{peft_out}, {rank * num_experts}])"
             )
-        a = a.reshape(num_experts, rank, peft_in)
-        b = b.reshape(peft_out, rank, num_experts).permute(2, 0, 1)
         # PEFT's delta is B A on [E, out, in] when it swapped in/out, else (B A)^T; the op reads the
         # parameter as is, or transposed when spec.transposed.
-        if peft_transposed == spec.transposed:
+        same_layout = peft_transposed == spec.transposed
+        role = "gate_up" if param == spec.w13_name else "down"
+        # The dimension tensor parallelism splits (gate_up's output rows, down's input columns) is a
+        # row dimension of the file's B or a column dimension of its A.
+        on_b_rows = (role == "gate_up") == same_layout
+        split_size = peft_out if on_b_rows else peft_in
+        kept, runs = self.shard_of(block, role, num_experts, split_size)
+        a_rows = [slice(kept.start * rank, kept.stop * rank)]
+        b_cols = None
+        if len(kept) < num_experts:  # B's columns are (r, E): each rank index holds a run of experts
+            b_cols = [slice(j * num_experts + kept.start, j * num_experts + kept.stop) for j in range(rank)]
+        a = _take(a, a_rows, None if on_b_rows else runs).reshape(len(kept), rank, -1)
+        b = _take(b, runs if on_b_rows else None, b_cols).reshape(-1, rank, len(kept)).permute(2, 0, 1)
+        if same_layout:
             pair = (a.contiguous(), b.contiguous())
         else:
             pair = (b.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous())
         return pair, self.scale(f"{path}.{param}", rank)
 
+    def shard_of(self, block: MoEBlock, role: str, num_experts: int, split_size: int) -> tuple[range, list | None]:
+        """This rank's experts and runs of the tensor-parallel dimension (None: all of it)."""
+        if self.sharding is None:
+            return range(num_experts), None
+        return self.sharding.lora_shard(block, role, num_experts, split_size)
+
     def legacy_pairs(self, pieces: dict, block: MoEBlock) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], float]]:
         """Stacks per-expert ``(A [r, in], B [out, r], scale)`` into ``(A [E, r, in], B [E, out, r])`` per role.
 
         Experts without a LoRA get zeros; each expert's scale is folded into its B relative to the
-        largest-magnitude scale of the role, which is returned with the stacked pair.
+        largest-magnitude scale of the role, which is returned with the stacked pair. Under
+        parallelism only this rank's experts and slices are read and stacked.
         """
         w13 = _whole_parameter(block.experts, block.spec.w13_name)
         w2 = _whole_parameter(block.experts, block.spec.w2_name)
@@ -370,18 +433,25 @@ class _Reader:
             fan_in, fan_out = shapes[role]
             rank = max(a.shape[0] for a, _, _ in by_expert.values())
             ref_scale = max((scale for _, _, scale in by_expert.values()), key=abs)
-            a_all = torch.zeros(num_experts, rank, fan_in)
-            b_all = torch.zeros(num_experts, fan_out, rank)
-            for expert, (a, b, scale) in by_expert.items():
+            for expert, (a, b, _) in by_expert.items():
                 if expert >= num_experts:
                     raise self.error(f"{block.name}: LoRA for expert {expert} but the block has {num_experts} experts")
-                if a.shape[1] != fan_in or b.shape != (fan_out, a.shape[0]):
+                if a.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, a.shape[0]):
                     raise self.error(
                         f"{block.name} expert {expert} {role}: LoRA A {tuple(a.shape)}, B {tuple(b.shape)} do not "
                         f"match the model (expected A [r, {fan_in}], B [{fan_out}, r])"
                     )
-                a_all[expert, : a.shape[0]] = a.float()
-                b_all[expert, :, : a.shape[0]] = _fold(b.float(), scale, ref_scale)
+            kept, runs = self.shard_of(block, role, num_experts, inter)
+            local = sum(len(range(inter)[run]) for run in runs) if runs else inter
+            a_all = torch.zeros(len(kept), rank, local if role == "down" else fan_in)
+            b_all = torch.zeros(len(kept), fan_out if role == "down" else local, rank)
+            for expert, (a, b, scale) in by_expert.items():
+                if expert not in kept:
+                    continue
+                a = _take(a, None, runs if role == "down" else None)
+                b = _take(b, None if role == "down" else runs, None)
+                a_all[expert - kept.start, : a.shape[0]] = a.float()
+                b_all[expert - kept.start, :, : a.shape[0]] = _fold(b.float(), scale, ref_scale)
             stacked[role] = ((a_all, b_all), ref_scale)
         return stacked
 
@@ -439,7 +509,7 @@ class _Reader:
         )
 
 
-def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock]) -> AdapterLoRA:
+def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock], sharding=None) -> AdapterLoRA:
     """Reads one PEFT LoRA adapter for ``model``, checking every key against the model.
 
     Args:
@@ -448,11 +518,13 @@ def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock]) ->
             pair, ``config`` a ``LoraConfig`` or its dict, ``state_dict`` keyed as PEFT saves it.
         model: the base model the adapter was trained on (patched or not).
         blocks: ``models.find_moe_blocks(model)``.
+        sharding: a ``parallel.ExpertSharding``: the expert LoRAs come back as this rank's shard,
+            and from a directory only those slices are read from the file. None: whole.
 
     Returns:
         An ``AdapterLoRA``: ``experts`` maps MoE block names to ``ExpertsLoRA`` (``A [E, r, in]``,
-        ``B [E, out, r]`` in the op's layout), ``linears`` maps ``nn.Linear`` names to ``LinearLoRA``
-        (``A [r, in]``, ``B [out, r]``); tensors on the CPU.
+        ``B [E, out, r]`` in the op's layout, sliced by ``sharding``), ``linears`` maps
+        ``nn.Linear`` names to ``LinearLoRA`` (``A [r, in]``, ``B [out, r]``); tensors on the CPU.
 
     Raises:
         NotImplementedError: an unsupported feature (DoRA, ``lora_bias``, embedding, lm_head,
@@ -461,7 +533,7 @@ def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock]) ->
         FileNotFoundError: a directory without ``adapter_config.json`` or ``adapter_model.safetensors``.
     """
     if isinstance(source, (str, os.PathLike)):
-        state_dict, config = load_adapter_files(source)
+        state_dict, config = open_adapter_files(source)
     else:
         state_dict, config = source
-    return _Reader(name, _config_dict(config), model, blocks).read(state_dict)
+    return _Reader(name, _config_dict(config), model, blocks, sharding).read(state_dict)

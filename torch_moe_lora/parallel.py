@@ -27,9 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
-from .adapters import FULL_PARAMETERS_ATTR, ExpertsLoRA
+from .adapters import FULL_PARAMETERS_ATTR
 from .models import MoEBlock
-from .reference import gate_rows_ref
 
 MODES = ("tensor", "expert")
 
@@ -109,32 +108,25 @@ class ExpertSharding:
             setattr(experts, name, nn.Parameter(value.contiguous(), requires_grad=False))
         setattr(experts, FULL_PARAMETERS_ATTR, full)
 
-    def shard_lora(self, lora: ExpertsLoRA, block: MoEBlock) -> ExpertsLoRA:
-        """The slices of a whole-model expert LoRA that this rank's table holds."""
+    def lora_shard(self, block: MoEBlock, role: str, num_experts: int, split_size: int) -> tuple[range, list[slice] | None]:
+        """What this rank keeps of a whole-model expert LoRA.
+
+        Args:
+            role: ``"gate_up"`` (joint, ``split_size`` its ``2I`` output rows in the op's row order),
+                ``"gate"``/``"up"`` (separate, ``I`` output rows) or ``"down"`` (``I`` input columns).
+
+        Returns:
+            ``(experts, runs)``: the kept experts, and the kept runs of the split dimension (None:
+            all of it). Expert parallelism keeps a range of experts, tensor parallelism runs.
+        """
         if self.mode == "expert":
-            span = self._span(next(p for p in lora[:4] if p is not None)[0].shape[0])
-
-            def keep(pair):
-                return None if pair is None else (pair[0][span], pair[1][span])
-
-            return lora._replace(gate_up=keep(lora.gate_up), gate=keep(lora.gate), up=keep(lora.up), down=keep(lora.down))
-        gate_up, gate, up, down = lora.gate_up, lora.gate, lora.up, lora.down
-        if gate_up is not None:
-            rows = self._gate_up_rows(block, gate_up[1].shape[1])
-            gate_up = (gate_up[0], gate_up[1][:, rows])
-        if gate is not None:
-            gate = (gate[0], gate[1][:, self._span(gate[1].shape[1])])
-        if up is not None:
-            up = (up[0], up[1][:, self._span(up[1].shape[1])])
-        if down is not None:
-            down = (down[0][:, :, self._span(down[0].shape[2])], down[1])
-        return lora._replace(gate_up=gate_up, gate=gate, up=up, down=down)
-
-    def full_gate_rows(self, block: MoEBlock) -> torch.Tensor:
-        """``[2I]`` bool gate-row mask of the whole model's gate_up rows."""
-        full = getattr(block.experts, FULL_PARAMETERS_ATTR)[block.spec.w13_name]
-        rows = full.shape[2] if block.spec.transposed else full.shape[1]
-        return gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
+            span = self._span(num_experts)
+            return range(span.start, span.stop), None
+        if role == "gate_up":
+            rows = self._gate_up_rows(block, split_size).tolist()
+            starts = [i for i, row in enumerate(rows) if i == 0 or row != rows[i - 1] + 1] + [len(rows)]
+            return range(num_experts), [slice(rows[i], rows[j - 1] + 1) for i, j in zip(starts, starts[1:])]
+        return range(num_experts), [self._span(split_size)]
 
     def local_ids(self, topk_ids: torch.Tensor, num_local_experts: int) -> torch.Tensor:
         """Global expert ids to this rank's (expert parallelism); ids of other ranks' experts become

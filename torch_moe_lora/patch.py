@@ -107,7 +107,6 @@ class MoELoRAModel:
         self._row_names: list[str | None] | None = None
         self._linears: dict[str, tuple[nn.Linear, MultiLoRALinear]] = {}
         self._tables: dict[str, ExpertLoRASlots] = {}
-        self._block_of = {block.name: block for block in blocks}
         self._previous_implementation: dict[int, tuple[object, str | None]] = {}
         for block in blocks:
             w13, w2 = block.spec.w13(block.experts), block.spec.w2(block.experts)
@@ -184,21 +183,19 @@ class MoELoRAModel:
     def _read(self, name: str, source) -> AdapterLoRA:
         """Reads and checks an adapter against the tables; raises before anything changes."""
         self._check_patched()
-        adapter = read_adapter(name, source, self.model, self.blocks)
+        adapter = read_adapter(name, source, self.model, self.blocks, self.sharding)
         joined = adapter.split_gate_up and not next(iter(self._tables.values())).weights.split_gate_up
         if joined:
             experts = dict(adapter.experts)
             for block in self.blocks:
                 if block.name in experts:
-                    experts[block.name] = experts[block.name].joined(self._whole_gate_rows(block))
+                    experts[block.name] = experts[block.name].joined(self._gate_rows(block))
             adapter = adapter._replace(experts=experts)
         _check_rank(adapter, self.max_rank, joined)
         return adapter
 
-    def _whole_gate_rows(self, block: MoEBlock) -> torch.Tensor:
-        """``[2I]`` bool gate-row mask of the whole (unsharded) model's gate_up rows."""
-        if self.sharding is not None:
-            return self.sharding.full_gate_rows(block)
+    def _gate_rows(self, block: MoEBlock) -> torch.Tensor:
+        """``[2I]`` bool gate-row mask of the block's (on a shard: this rank's) gate_up rows."""
         rows = block.spec.w13(block.experts).shape[1]
         return gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
 
@@ -216,8 +213,6 @@ class MoELoRAModel:
             if lora is None:
                 table.clear_slot(slot)
                 continue
-            if self.sharding is not None:
-                lora = self.sharding.shard_lora(lora, self._block_of[block_name])
             as_table = dict(dtype=table.weights.gate_up_a.dtype, device=table.weights.gate_up_a.device)
             pairs = {
                 role: tuple(t.to(**as_table) for t in pair)
@@ -363,7 +358,7 @@ def patch_model(
             sharding.check(block)
     if any(hasattr(block.experts, _STATE_ATTR) for block in blocks):
         raise ValueError(f"{type(model).__name__} is already patched; call unpatch() on its handle first")
-    adapters = {name: read_adapter(name, source, model, blocks) for name, source in loras.items()}
+    adapters = {name: read_adapter(name, source, model, blocks, sharding) for name, source in loras.items()}
     if not adapters and (max_loras is None or max_rank is None):
         raise ValueError("patch_model: without adapters, give max_loras and max_rank")
     max_loras = len(adapters) if max_loras is None else max_loras
