@@ -7,8 +7,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from torch_moe_lora import LoRAWeights
+
+READ_CHUNK = 65536  # elements one program of the read-bandwidth kernel sums
 
 
 def _median_ms_per_call(run_all, num_calls: int, replays: int, budget_ms: float) -> float:
@@ -62,29 +66,80 @@ def time_eager(calls, *, replays: int = 10, budget_ms: float = 400.0) -> float:
     return _median_ms_per_call(lambda: _run_each(calls), len(calls), replays, budget_ms)
 
 
+@triton.jit
+def _sum_chunks_kernel(src_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[i] = sum(src[i * CHUNK:(i + 1) * CHUNK])`` in float32 for program ``i``, ``BLOCK`` elements a step."""
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for step in range(0, CHUNK, BLOCK):
+        acc += tl.load(src_ptr + start + step + offs).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
+
+
+def sum_chunks(src: torch.Tensor, out: torch.Tensor, chunk: int = READ_CHUNK, block: int = 4096) -> None:
+    """Write the float32 sum of every ``chunk`` consecutive elements of ``src`` into ``out``.
+
+    A kernel that streams ``src`` once and writes next to nothing, for measuring read bandwidth.
+
+    Args:
+        src: contiguous tensor of any floating dtype, ``numel`` a multiple of ``chunk``.
+        out: float32 tensor of ``src.numel() // chunk`` elements, on the same device.
+        chunk: elements summed by one program, a multiple of ``block``.
+        block: elements one program loads per step.
+    """
+    if not src.is_contiguous() or src.numel() % chunk or chunk % block or out.numel() != src.numel() // chunk:
+        raise ValueError(f"sum_chunks: bad sizes {src.numel()=} {chunk=} {block=} {out.numel()=}")
+    _sum_chunks_kernel[(out.numel(),)](src, out, CHUNK=chunk, BLOCK=block, num_warps=8)
+
+
 @dataclass
 class Ceilings:
+    """Measured device ceilings that the rooflines divide by.
+
+    ``read_bytes_per_s``: bytes read per second by a kernel that only streams a buffer far larger
+    than L2; ``copy_bytes_per_s``: bytes read plus bytes written per second by a device-to-device
+    copy; ``matmul_flops_per_s``: bf16 matmul FLOPs per second.
+    """
+
+    read_bytes_per_s: float
     copy_bytes_per_s: float
     matmul_flops_per_s: float
 
 
 def measure_ceilings() -> Ceilings:
-    """Device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here.
+    """Read bandwidth, device-to-device copy bandwidth and the bf16 matmul rate, measured here.
 
-    Each runs for about a second first so that clocks settle; the best of several timings counts.
+    Bandwidths use a 2 GiB bf16 buffer, well over L2. Each runs for about a second first so that
+    clocks settle; the best of several timings counts.
     """
     src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    read = _read_bytes_per_s(src)
+    copy = _copy_bytes_per_s(src)
+    del src
+    return Ceilings(read_bytes_per_s=read, copy_bytes_per_s=copy, matmul_flops_per_s=_matmul_flops_per_s(8192))
+
+
+def _best_ms(fn) -> float:
+    """Best of three CUDA-graph timings of ``fn`` in ms, after about a second of warm-up."""
+    warm_up(fn, seconds=1.0)
+    return min(time_graph([fn], replays=20) for _ in range(3))
+
+
+def _read_bytes_per_s(src: torch.Tensor) -> float:
+    sums = torch.empty(src.numel() // READ_CHUNK, dtype=torch.float32, device=src.device)
+    return src.numel() * src.element_size() / (_best_ms(lambda: sum_chunks(src, sums)) * 1e-3)
+
+
+def _copy_bytes_per_s(src: torch.Tensor) -> float:
     dst = torch.empty_like(src)
-    warm_up(lambda: dst.copy_(src), seconds=1.0)
-    ms = min(time_graph([lambda: dst.copy_(src)], replays=20) for _ in range(3))
-    copy = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
-    n = 8192
+    return 2 * src.numel() * src.element_size() / (_best_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def _matmul_flops_per_s(n: int) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    warm_up(lambda: a @ b, seconds=1.0)
-    ms = min(time_graph([lambda: a @ b], replays=20) for _ in range(3))
-    return Ceilings(copy, 2 * n**3 / (ms * 1e-3))
+    return 2 * n**3 / (_best_ms(lambda: a @ b) * 1e-3)
 
 
 def warm_up(fn, seconds: float) -> None:

@@ -14,14 +14,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moe_problems import make_problem
 from test_adapters import legacy_adapter, save_adapter
 from test_models import tiny_model
 from test_patch import ADAPTERS, GENERATE, ROWS, batch_ids, make_peft_adapters
+from utils import assert_close_verbose
 
-from torch_moe_lora import patch_model
+from torch_moe_lora import LoRAWeights, fused_experts, patch_model
 from torch_moe_lora.adapters import ExpertsLoRA, StoredTensor, read_adapter
 from torch_moe_lora.models import find_moe_blocks
-from torch_moe_lora.parallel import ExpertSharding
+from torch_moe_lora.parallel import ExpertSharding, fused_experts_expert_parallel
 from torch_moe_lora.reference import gate_rows_ref
 
 WORLD = 2
@@ -29,24 +31,45 @@ WORLD = 2
 FAMILIES = ["qwen3_moe", "gpt_oss", "llama4"]
 
 
-def run_batch(model, handle):
-    ids = batch_ids()
+requires_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+def run_batch(model, handle, device="cpu", compile_backend="aot_eager", generate=True):
+    ids = batch_ids().to(device)
     with torch.no_grad(), handle.adapters(ROWS):
         logits = model(ids).logits
-        tokens = model.generate(ids, **GENERATE)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
-    return logits, tokens, compiled
+        tokens = model.generate(ids, **GENERATE) if generate else None
+        compiled = torch.compile(model, backend=compile_backend, fullgraph=True)(ids).logits
+    return logits.float().cpu(), None if tokens is None else tokens.cpu(), compiled.float().cpu()
 
 
-def worker(rank: int, family: str, adapters: dict, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def init_group(rank: int, backend: str, init_file: str) -> torch.device:
+    """Joins the two-process group; the rank's device (its own GPU under NCCL)."""
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    return device
+
+
+def gpu_compile_backend(family: str) -> str:
+    """Inductor for one family on the GPUs (it compiles for minutes), aot_eager for the others."""
+    return "inductor" if family == "qwen3_moe" else "aot_eager"
+
+
+def worker(rank: int, family: str, adapters: dict, init_file: str, out_dir: str, backend: str = "gloo") -> None:
+    """Patches the model split over the group in each mode and saves logits, tokens and compiled
+    logits; under NCCL in bfloat16, without generation."""
+    device = init_group(rank, backend, init_file)
+    gpu = backend == "nccl"
     try:
         results = {}
         for mode in ("tensor", "expert"):
-            model = tiny_model(family)
+            model = tiny_model(family).to(device, torch.bfloat16 if gpu else torch.float32)
             handle = patch_model(model, adapters, process_group=dist.group.WORLD, parallelism=mode)
             torch._dynamo.reset()
-            results[mode] = run_batch(model, handle)
+            results[mode] = run_batch(model, handle, device, gpu_compile_backend(family) if gpu else "aot_eager", not gpu)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -70,6 +93,92 @@ def test_split_model_matches_unsplit(family, tmp_path):
             assert diff <= 1e-5 * scale, (family, mode, rank, diff)
             assert compiled_diff <= 1e-5 * scale, (family, mode, rank, compiled_diff)
             assert torch.equal(tokens, ref_tokens), (family, mode, rank)
+
+
+@requires_two_gpus
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_model_matches_unsplit_on_two_gpus(family, tmp_path):
+    """NCCL, bfloat16: each rank's logits (eager and compiled) are as close to the float32 unsplit
+    model as the bfloat16 unsplit model on one GPU is (at most twice its error + 1e-3 x scale)."""
+    made = make_peft_adapters(family, tmp_path)
+    adapters = {name: path for name, (path, _) in made.items()}
+    refs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(family).to("cuda", dtype)
+        refs[dtype] = run_batch(model, patch_model(model, adapters), "cuda", "aot_eager", generate=False)[0]
+        del model
+    ref32 = refs[torch.float32]
+    scale = ref32.abs().max().item()
+    own_err = (refs[torch.bfloat16] - ref32).abs().max().item()
+    mp.spawn(worker, args=(family, adapters, str(tmp_path / "init"), str(tmp_path), "nccl"), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        for mode, (logits, _, compiled) in torch.load(tmp_path / f"rank{rank}.pt").items():
+            err = (logits - ref32).abs().max().item()
+            compiled_err = (compiled - ref32).abs().max().item()
+            print(
+                f"{family} NCCL bf16 {mode} rank {rank}: max err vs fp32 unsplit {err:.3e}, compiled {compiled_err:.3e}; "
+                f"unsplit bf16 {own_err:.3e} (scale {scale:.3e})"
+            )
+            assert err <= 2 * own_err + 1e-3 * scale, (family, mode, rank, err, own_err)
+            assert compiled_err <= 2 * own_err + 1e-3 * scale, (family, mode, rank, compiled_err, own_err)
+
+
+def local_experts(problem, rank: int):
+    """Rank ``rank``'s experts of a problem (weights, biases, LoRA table), expert parallelism over WORLD."""
+    share = problem.w13.shape[0] // WORLD
+    span = slice(rank * share, (rank + 1) * share)
+    cut = lambda t: None if t is None else t[span].contiguous()  # noqa: E731
+    lora = problem.lora
+    if lora is not None:
+        lora = LoRAWeights(*(t[:, span].contiguous() for t in lora[:4]), *lora[4:])
+    return cut(problem.w13), cut(problem.w2), dict(
+        problem.options, w13_bias=cut(problem.w13_bias), w2_bias=cut(problem.w2_bias), lora=lora
+    )
+
+
+def expert_parallel_worker(rank: int, problem, init_file: str, out_dir: str, backend: str = "gloo") -> None:
+    """Each rank holds half the tokens and half the experts; saves its eager and compiled outputs."""
+    device = init_group(rank, backend, init_file)
+    try:
+        problem = problem.to(device)
+        tokens = problem.x.shape[0] // WORLD
+        mine = slice(rank * tokens, (rank + 1) * tokens)
+        w13, w2, kwargs = local_experts(problem, rank)
+        args = (problem.x[mine], problem.topk_ids[mine], problem.topk_weights[mine], w13, w2)
+        kwargs.update(group=dist.group.WORLD, token_lora=problem.token_lora[mine])
+        out = fused_experts_expert_parallel(*args, **kwargs)
+        compile_backend = "aot_eager" if backend == "gloo" else "inductor"
+        compiled = torch.compile(fused_experts_expert_parallel, backend=compile_backend, fullgraph=True)
+        outputs = [out, compiled(*args, **kwargs)]
+        plain = [torch.empty_like(o, device="cpu").copy_(o) for o in outputs]
+        torch.save(plain, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_expert_parallel(problem, tmp_path, backend: str) -> None:
+    device = "cuda" if backend == "nccl" else "cpu"
+    whole = problem.to(device)
+    ref = fused_experts(whole.x, whole.topk_ids, whole.topk_weights, whole.w13, whole.w2, **whole.kwargs()).cpu()
+    mp.spawn(expert_parallel_worker, args=(problem, str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD, join=True)
+    tokens = problem.x.shape[0] // WORLD
+    for rank in range(WORLD):
+        out, compiled = torch.load(tmp_path / f"rank{rank}.pt")
+        mine = ref[rank * tokens : (rank + 1) * tokens]
+        assert_close_verbose(out, mine, problem.x.dtype, f"{backend} expert parallel rank {rank}")
+        assert_close_verbose(compiled, mine, problem.x.dtype, f"{backend} expert parallel compiled rank {rank}")
+
+
+def test_expert_parallel_data_parallel_tokens(tmp_path):
+    """Data-parallel tokens, experts split: each rank's outputs equal the unsplit op on its tokens."""
+    problem = make_problem(T=12, H=16, I=8, E=4, K=2, L=3, R=4, bias=True, out_of_range_ids=True, seed=3)
+    check_expert_parallel(problem, tmp_path, "gloo")
+
+
+@requires_two_gpus
+def test_expert_parallel_data_parallel_tokens_on_two_gpus(tmp_path):
+    problem = make_problem(T=256, H=256, I=128, E=16, K=4, L=4, R=16, dtype=torch.bfloat16, seed=5)
+    check_expert_parallel(problem, tmp_path, "nccl")
 
 
 def test_uneven_split_is_refused():

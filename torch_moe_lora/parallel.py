@@ -14,12 +14,20 @@ through functional collectives (so ``torch.compile`` traces it without a graph b
   Since every rank already holds every token, dispatching them and combining the results is the
   same all-reduce.
 
+Adapters are read sharded: each rank reads only its slices of the expert LoRAs from the file
+(``adapters.read_adapter(..., sharding)``).
+
+Where the tokens are data-parallel instead (each rank its own batch, e.g. behind data-parallel
+attention), ``fused_experts_expert_parallel`` dispatches them to the ranks that own their experts
+and combines the partial outputs back.
+
 Sharded parameters replace the module's own (the full weights are freed); the full shapes are kept
 on the module, as meta tensors, for reading adapters written for the whole model.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +36,9 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
 from .adapters import FULL_PARAMETERS_ATTR
+from .lora import LoRAWeights
 from .models import MoEBlock
+from .ops.fused_experts import fused_experts
 
 MODES = ("tensor", "expert")
 
@@ -125,7 +135,7 @@ class ExpertSharding:
         if role == "gate_up":
             rows = self._gate_up_rows(block, split_size).tolist()
             starts = [i for i, row in enumerate(rows) if i == 0 or row != rows[i - 1] + 1] + [len(rows)]
-            return range(num_experts), [slice(rows[i], rows[j - 1] + 1) for i, j in zip(starts, starts[1:])]
+            return range(num_experts), [slice(rows[i], rows[j - 1] + 1) for i, j in itertools.pairwise(starts)]
         return range(num_experts), [self._span(split_size)]
 
     def local_ids(self, topk_ids: torch.Tensor, num_local_experts: int) -> torch.Tensor:
@@ -139,3 +149,51 @@ class ExpertSharding:
     def reduce(self, out: torch.Tensor) -> torch.Tensor:
         """Sums the ranks' partial ``[T, H]`` outputs (functional all-reduce)."""
         return funcol.all_reduce(out, "sum", self.group)
+
+
+def fused_experts_expert_parallel(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    group: dist.ProcessGroup,
+    token_lora: torch.Tensor | None = None,
+    lora: LoRAWeights | None = None,
+    **op_kwargs,
+) -> torch.Tensor:
+    """``fused_experts`` with the experts split over ``group`` and each rank holding its own tokens.
+
+    Rank ``r`` of ``W`` owns experts ``[r E_local, (r + 1) E_local)``. Dispatch gathers every rank's
+    tokens, routing and adapter slots to every rank; each rank runs the pairs of its own experts
+    (the others map to a skipped id), and a reduce-scatter returns to each rank the sum over ranks
+    of its tokens' rows. Shapes stay static (no host sync, CUDA-graph capturable, functional
+    collectives under ``torch.compile``): this is the all-to-all in which each token goes to each
+    rank once. A token none of whose experts a rank owns costs that rank only its row of the
+    buffers; sending routed tokens alone would need the per-rank counts on the host.
+
+    Args:
+        x: ``[T, H]`` this rank's tokens; ``T`` must be the same on every rank (pad).
+        topk_ids: ``[T, K]`` global expert ids; topk_weights: ``[T, K]``.
+        w13: ``[E_local, 2I, H]``, w2: ``[E_local, H, I]``: this rank's experts.
+        group: the process group the experts are split over.
+        token_lora: ``[T]`` int adapter slot per token or None; lora: this rank's experts' slot
+            table (every rank holds the same adapters in the same slots).
+        op_kwargs: the remaining ``fused_experts`` arguments (biases of the local experts,
+            activation, ...).
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``: this rank's tokens' outputs.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sharding = ExpertSharding("expert", group, rank, world)
+    gathered_x = funcol.all_gather_tensor(x, 0, group)
+    gathered_ids = funcol.all_gather_tensor(topk_ids, 0, group)
+    gathered_weights = funcol.all_gather_tensor(topk_weights, 0, group)
+    gathered_lora = None if token_lora is None else funcol.all_gather_tensor(token_lora, 0, group)
+    local_ids = sharding.local_ids(gathered_ids, w2.shape[0])
+    partial = fused_experts(
+        gathered_x, local_ids, gathered_weights, w13, w2, token_lora=gathered_lora, lora=lora, **op_kwargs
+    )
+    return funcol.reduce_scatter_tensor(partial, "sum", 0, group)

@@ -59,14 +59,15 @@ def _next_slot(slot, current):
 
 
 @triton.jit
-def _count_slots(slot):
-    """Distinct slots (>= 0) among the rows."""
+def _block_slots(slot):
+    """(smallest slot >= 0 among the rows, or ``_NO_SLOT`` if none; number of distinct slots >= 0)."""
+    first = _first_slot(slot)
     count = 0
-    current = _first_slot(slot)
+    current = first
     while current < _NO_SLOT:
         count += 1
         current = _next_slot(slot, current)
-    return count
+    return first, count
 
 
 @triton.jit
@@ -118,21 +119,22 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_steps(
-    acc, s_ptr, s_col0, b_ptr, expert, slot, pos, b_rows, b_row_mask, rank,
+    acc, s_ptr, s_col0, b_ptr, expert, slot, first_slot, num_slots, pos, b_rows, b_row_mask, rank,
     stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
 
     One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
-    ``s`` (other rows masked to zero), the B operand its LoRA B. A ``for`` loop over a step count
+    ``s`` (other rows masked to zero), the B operand its LoRA B. ``first_slot`` and ``num_slots`` are
+    ``_block_slots(slot)``, computed once per program by the caller. A ``for`` loop over a step count
     known before it starts, so the compiler pipelines the loads of the next slots with this one's dot.
     """
     r_steps = tl.cdiv(rank, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     s_rows = s_ptr + pos[:, None].to(tl.int64) * stride_s_m
-    current = _first_slot(slot)
-    for step in range(0, _count_slots(slot) * r_steps):
+    current = first_slot
+    for step in range(0, num_slots * r_steps):
         r = (step % r_steps) * BLOCK_K + offs_k
         r_mask = r < rank
         s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=(slot == current)[:, None] & r_mask[None, :], other=0.0)
@@ -237,8 +239,9 @@ def _gate_up_kernel(
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
+        first_slot, num_slots = _block_slots(slot)
         acc_gate = _lora_steps(
-            acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, pos, gate_rows, n_mask, rank,
+            acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, gate_rows, n_mask, rank,
             stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
@@ -248,7 +251,7 @@ def _gate_up_kernel(
             else:
                 up_col0 = 0
             acc_up = _lora_steps(
-                acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, pos, up_rows, n_mask, rank,
+                acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, up_rows, n_mask, rank,
                 stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
             )  # fmt: skip
@@ -306,8 +309,9 @@ def _down_kernel(
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA:
+        first_slot, num_slots = _block_slots(slot)
         acc = _lora_steps(
-            acc, s2_ptr, 0, d_b_ptr, expert, slot, pos, offs_n, n_mask, rank,
+            acc, s2_ptr, 0, d_b_ptr, expert, slot, first_slot, num_slots, pos, offs_n, n_mask, rank,
             stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
