@@ -2,8 +2,10 @@
 
 For every model shape and token bucket it searches, one part at a time (block_m, then the gate_up
 tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA (rank 16, tokens
-spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. Entries
-merge into an existing file.
+spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. For decode
+buckets it then times the shrink fused into the GEMM kernels against the separate shrink launches
+at rank 16 and 64 and records the largest rank up to which fusing wins (``fuse_shrink_max_rank``,
+0: never). Buckets merge into the shape's entry of an existing file.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
 """
@@ -88,6 +90,26 @@ def grid(choices: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(choices[k] for k in keys))]
 
 
+def fused_shrink_max_rank(shape, num_tokens, config, log, ranks=(16, 64)) -> int:
+    """The largest of ``ranks`` up to which the shrink fused into the GEMMs beats separate launches."""
+    best = 0
+    for rank in ranks:
+        run = make_runner(shape, num_tokens, rank=rank)
+        separate = run({**config, "fuse_shrink_max_rank": 0})
+        try:
+            fused = run({**config, "fuse_shrink_max_rank": rank})
+        except (OutOfResources, CompilationError) as error:
+            log(f"    rank {rank}: fused shrink skipped: {type(error).__name__}")
+            break
+        finally:
+            del run
+        log(f"    rank {rank}: shrink fused {fused:.4f} ms, separate {separate:.4f} ms")
+        if fused >= separate:
+            break
+        best = rank
+    return best
+
+
 def tune_shape(shape, tokens, log):
     hidden, inter, num_experts, top_k = shape
     buckets = {}
@@ -103,8 +125,10 @@ def tune_shape(shape, tokens, log):
         config, _ = best_of(run, config, "down", tiles, log)
         config, ms = best_of(run, config, "shrink", grid(SHRINK_CHOICES), log)
         config["_ms"] = round(ms, 5)
-        buckets[str(num_tokens)] = config
         del run
+        if num_tokens * top_k <= 4 * num_experts:
+            config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
+        buckets[str(num_tokens)] = config
         torch.cuda.empty_cache()
     return buckets
 
@@ -122,7 +146,9 @@ def main():
     for name in args.shapes:
         shape = SHAPES[name]
         print(f"{name} {shape}", flush=True)
-        tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = tune_shape(shape, args.tokens, lambda m: print(m, flush=True))
+        buckets = tuned.setdefault(shape_key(shape[2], shape[0], shape[1], shape[3]), {})
+        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True)))
+        tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuned, indent=1))
     print(f"wrote {path}")

@@ -40,6 +40,9 @@ CONFIGS = {
     "wide": small_config(block_m=32, block_n=32, block_k=32, group_m=1, block_r=32),
     "four_subblocks": small_config(block_m=64, block_n=16, block_k=32, group_m=1),
     "two_wide_subblocks": small_config(block_m=64, block_n=32, block_k=16, sub_m=32),
+    # The shrink fused into the GEMM kernels (any rank up to 512), with one and with many slots per block.
+    "fused_shrink": {**small_config(), "fuse_shrink_max_rank": 512},
+    "fused_shrink_wide": {**small_config(block_m=64, block_n=32, block_k=32, group_m=1), "fuse_shrink_max_rank": 512},
 }
 
 

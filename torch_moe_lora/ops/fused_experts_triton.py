@@ -18,6 +18,11 @@ present in the block, ``cdiv(rank, BLOCK_K)`` steps whose A operand is that slot
 the loop, so its loads pipeline. A shrink program takes one slot of one 16-row sub-block, so the
 shrink reads each (slot, expert) A once per sub-block that holds it and does no work for other rows.
 
+Where the launch config says so (``fuse_shrink_max_rank`` >= the LoRA A ranks; tuned for decode,
+where launches dominate), kernels 1 and 3 are not launched: each GEMM program computes its block's
+``s`` in registers after its K loop (``_shrink_in_registers``, reading A from L2 once per column
+tile) and expands from there, so a call is four launches instead of six.
+
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
 can capture the launch.
 """
@@ -150,6 +155,64 @@ def _lora_steps(
 
 
 @triton.jit
+def _shrink_in_registers(
+    inp_rows, in_features, a_ptr, expert, slot, first_slot, num_slots, rank_a,
+    stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``s[m, r] = inp[row_m] . a[slot_m, expert, r]`` for ``r < rank_a``, float32 in registers.
+
+    The fused shrink: a program computes its block's ``s`` itself instead of reading it from the
+    shrink kernel's output. One step per (slot present, ``BLOCK_K`` input columns), as in
+    ``_lora_steps``; rows of other slots (and rows without one) are masked to zero.
+    """
+    k_steps = tl.cdiv(in_features, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    current = first_slot
+    for step in range(0, num_slots * k_steps):
+        k = (step % k_steps) * BLOCK_K + offs_k
+        k_mask = k < in_features
+        xs = tl.load(inp_rows + k[None, :] * stride_in_k, mask=(slot == current)[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e
+            + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
+            mask=(offs_r[None, :] < rank_a) & k_mask[:, None],
+            other=0.0,
+        )  # fmt: skip
+        s += tl.dot(xs, a, input_precision=PRECISION)
+        current = tl.where(step % k_steps == k_steps - 1, _next_slot(slot, current), current)
+    return s
+
+
+@triton.jit
+def _expand_from_registers(
+    acc, s, r0, rank, b_ptr, expert, slot, first_slot, num_slots, b_rows, b_row_mask,
+    stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc[m, n] += sum_{r0 <= r < r0 + rank} s[m, r] * b[slot_m, expert, b_rows_n, r - r0]``.
+
+    ``s`` is this block's pre-scaled shrink output in registers (``_shrink_in_registers``), in
+    ``b``'s dtype; one step per slot present in the block.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = (offs_r >= r0) & (offs_r < r0 + rank)
+    current = first_slot
+    for _ in range(0, num_slots):
+        b = tl.load(
+            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
+            + b_rows[None, :] * stride_b_n + (offs_r - r0)[:, None] * stride_b_r,
+            mask=b_row_mask[None, :] & r_mask[:, None],
+            other=0.0,
+        )  # fmt: skip
+        acc += tl.dot(tl.where((slot == current)[:, None], s, tl.zeros_like(s)), b, input_precision=PRECISION)
+        current = _next_slot(slot, current)
+    return acc
+
+
+@triton.jit
 def _activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
     if ACTIVATION == 5:
         gate = tl.minimum(gate, limit)
@@ -184,24 +247,27 @@ def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.const
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, h_ptr,
+    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_a_ptr, gu_scale_ptr, gu_b_ptr, h_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, hidden, inter, rank, max_blocks, alpha, limit,
     stride_x_m, stride_x_k,
     stride_w_e, stride_w_n, stride_w_k,
     stride_b13_e, stride_b13_n,
     stride_s_m, stride_s_r,
+    stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k,
     stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
     stride_h_m, stride_h_n,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
     Gate and up accumulate separately: gate row of column ``n`` is ``n`` (``2n`` interleaved), up
-    row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),).
+    row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),). With
+    ``FUSE_SHRINK`` the program computes its rows' ``s1`` from ``gate_up_a`` itself (``s1_ptr`` is
+    unused).
     """
     block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
     if block >= tl.load(num_blocks_ptr):
@@ -238,7 +304,27 @@ def _gate_up_kernel(
                 other=0.0,
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
-    if HAS_LORA:
+    if HAS_LORA and FUSE_SHRINK:
+        first_slot, num_slots = _block_slots(slot)
+        if SPLIT_GATE_UP:
+            up_col0 = rank
+        else:
+            up_col0 = 0
+        s = _shrink_in_registers(
+            x_rows, hidden, gu_a_ptr, expert, slot, first_slot, num_slots, up_col0 + rank,
+            stride_x_k, stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        s = (s * tl.load(gu_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(gu_b_ptr.dtype.element_ty)
+        acc_gate = _expand_from_registers(
+            acc_gate, s, 0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, gate_rows, n_mask,
+            stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
+        )  # fmt: skip
+        if GATED:
+            acc_up = _expand_from_registers(
+                acc_up, s, up_col0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, up_rows, n_mask,
+                stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
+            )  # fmt: skip
+    elif HAS_LORA:
         first_slot, num_slots = _block_slots(slot)
         acc_gate = _lora_steps(
             acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, gate_rows, n_mask, rank,
@@ -274,19 +360,24 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, y_ptr,
+    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_a_ptr, d_scale_ptr, d_b_ptr, y_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, hidden, inter, rank, max_blocks,
     stride_h_m, stride_h_k,
     stride_w_e, stride_w_n, stride_w_k,
     stride_b2_e, stride_b2_n,
     stride_s_m, stride_s_r,
+    stride_da_l, stride_da_e, stride_da_r, stride_da_k,
     stride_db_l, stride_db_e, stride_db_n, stride_db_r,
     stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns."""
+    """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns.
+
+    With ``FUSE_SHRINK`` the program computes its rows' ``s2`` from ``down_a`` itself.
+    """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
     if block >= tl.load(num_blocks_ptr):
         return
@@ -308,7 +399,18 @@ def _down_kernel(
             other=0.0,
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
-    if HAS_LORA:
+    if HAS_LORA and FUSE_SHRINK:
+        first_slot, num_slots = _block_slots(slot)
+        s = _shrink_in_registers(
+            h_rows, inter, d_a_ptr, expert, slot, first_slot, num_slots, rank,
+            stride_h_k, stride_da_l, stride_da_e, stride_da_r, stride_da_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        s = (s * tl.load(d_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(d_b_ptr.dtype.element_ty)
+        acc = _expand_from_registers(
+            acc, s, 0, rank, d_b_ptr, expert, slot, first_slot, num_slots, offs_n, n_mask,
+            stride_db_l, stride_db_e, stride_db_n, stride_db_r, BLOCK_R, PRECISION,
+        )  # fmt: skip
+    elif HAS_LORA:
         first_slot, num_slots = _block_slots(slot)
         acc = _lora_steps(
             acc, s2_ptr, 0, d_b_ptr, expert, slot, first_slot, num_slots, pos, offs_n, n_mask, rank,
@@ -380,7 +482,8 @@ def fused_experts_triton(
     config: dict,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Runs the five kernels; arguments as ``moe_lora::fused_experts`` (already validated).
+    """Runs the kernels (align, [shrink], gate_up, [shrink], down, top-k sum); arguments as
+    ``moe_lora::fused_experts`` (already validated).
 
     ``config`` holds ``block_m``, ``sub_m`` and per-kernel tile sizes (see
     ``torch_moe_lora/configs``); ``out`` is an optional ``[T, H]`` output buffer. All buffers are
@@ -410,40 +513,46 @@ def fused_experts_triton(
     dummy = x.new_empty(1)
     rows = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
     precision = _dot_precision(x.dtype)
+    fuse = has_lora and max(gate_up_a.shape[2], down_a.shape[2]) <= config.get("fuse_shrink_max_rank", 0)
     if has_lora:
         rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
-        s1 = x.new_empty(num_rows, gate_up_a.shape[2])
-        s2 = x.new_empty(num_rows, down_rank)
+        block_r = _rank_block(max(gate_up_a.shape[2], down_rank))
         shrink = (sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, num_slots, block_m, sub_m)
-        _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, True, config["shrink"])
+        s1 = s2 = x.new_empty(1, 1)
+        if not fuse:
+            s1 = x.new_empty(num_rows, gate_up_a.shape[2])
+            s2 = x.new_empty(num_rows, down_rank)
+            _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, True, config["shrink"])
     else:
         rank = down_rank = 0
+        block_r = 16
         s1 = s2 = x.new_empty(1, 1)
-        gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
+        gate_up_a = gate_up_b = down_a = down_b = x.new_empty(1, 1, 1, 1)
+        gate_up_scale = down_scale = dummy
     smem = _shared_memory_limit(x.device)
     cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
-        x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h, *rows,
+        x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, *rows,
         num_pairs, top_k, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
         *x.stride(), *w13.stride(), *(w13_bias.stride() if w13_bias is not None else (0, 0)),
-        *s1.stride(), *gate_up_b.stride(), *h.stride(),
+        *s1.stride(), *gate_up_a.stride(), *gate_up_b.stride(), *h.stride(),
         GATED=gated, INTERLEAVED=interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        **_launch_options(cfg),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg),
     )  # fmt: skip
-    if has_lora:
+    if has_lora and not fuse:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"])
     cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
-        h, w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y, *rows,
+        h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, *rows,
         num_pairs, top_k, hidden, inter, down_rank, max_blocks,
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
-        *s2.stride(), *down_b.stride(), *y.stride(),
+        *s2.stride(), *down_a.stride(), *down_b.stride(), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        **_launch_options(cfg),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg),
     )  # fmt: skip
     cfg = config["sum"]
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
