@@ -21,7 +21,7 @@ from test_patch import ADAPTERS, GENERATE, ROWS, batch_ids, make_peft_adapters
 from utils import assert_close_verbose
 
 from torch_moe_lora import LoRAWeights, fused_experts, patch_model
-from torch_moe_lora.adapters import ExpertsLoRA, StoredTensor, read_adapter
+from torch_moe_lora.adapters import ExpertsLoRA, StoredTensor, load_adapter_files, read_adapter
 from torch_moe_lora.models import find_moe_blocks
 from torch_moe_lora.parallel import ExpertSharding, fused_experts_expert_parallel
 from torch_moe_lora.reference import gate_rows_ref
@@ -278,6 +278,9 @@ def test_sharded_read_takes_only_its_slices(family, tmp_path, monkeypatch):
             expert_reads = sum(n for key, n in read_elements.items() if ".experts." in key)
             assert expert_reads == kept, (mode, rank, expert_reads, kept)
             assert kept < whole_elements, (mode, rank, kept, whole_elements)
+            in_memory = read_adapter("a", load_adapter_files(path), model, blocks, sharding)
+            for block in blocks:
+                assert_same_lora(in_memory.experts[block.name], shard.experts[block.name], f"{mode} in memory")
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
