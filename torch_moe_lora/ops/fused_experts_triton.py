@@ -4,11 +4,12 @@ The pairs (token, k) are first sorted by expert with ``align_block_size(pad_per_
 every block of ``BLOCK_M`` rows belongs to one expert, and inside an expert rows are ordered by
 adapter slot (adapter-less rows last). The base GEMMs therefore never pay for per-adapter padding.
 
-Kernels, in launch order (``pos`` is a row of the sorted order):
+Kernels, in launch order after the align op (``pos`` is a row of the sorted order; the LoRA
+building blocks are in ``lora_triton.py``):
 
-1. ``_lora_shrink_kernel`` on x:  ``s1[pos] = scale * x[token(pos)] @ gate_up_a[slot, e]^T``
+1. ``lora_shrink_kernel`` on x:  ``s1[pos] = scale * x[token(pos)] @ gate_up_a[slot, e]^T``
 2. ``_gate_up_kernel``:           ``h[pos] = act(w13[e] x + b13 + gate_up_b[slot, e] s1)``
-3. ``_lora_shrink_kernel`` on h:  ``s2[pos] = scale * h[pos] @ down_a[slot, e]^T``
+3. ``lora_shrink_kernel`` on h:  ``s2[pos] = scale * h[pos] @ down_a[slot, e]^T``
 4. ``_down_kernel``:              ``y[pair] = w * (w2[e] h + b2 + down_b[slot, e] s2)``
 5. ``_sum_topk_kernel``:          ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
 
@@ -20,7 +21,7 @@ shrink reads each (slot, expert) A once per sub-block that holds it and does no 
 
 Where the launch config says so (``fuse_shrink_max_rank`` >= the LoRA A ranks; tuned for decode,
 where launches dominate), kernels 1 and 3 are not launched: each GEMM program computes its block's
-``s`` in registers after its K loop (``_shrink_in_registers``, reading A from L2 once per column
+``s`` in registers after its K loop (``shrink_in_registers``, reading A from L2 once per column
 tile) and expands from there, so a call is four launches instead of six.
 
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
@@ -35,183 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_triton import (
+    block_rows,
+    block_slots,
+    expand_from_registers,
+    lora_shrink_kernel,
+    lora_steps,
+    shrink_in_registers,
+)
+
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
-_NO_SLOT = tl.constexpr(2**30)
-
-
-@triton.jit
-def _block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr):
-    """Rows of one block: sorted positions, pair ids, validity, tokens and adapter slots (-1: none)."""
-    pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ids_ptr + pos)
-    valid = pair < num_pairs
-    token = tl.where(valid, pair // top_k, 0)
-    if HAS_LORA:
-        slot = tl.load(token_lora_ptr + token, mask=valid, other=-1).to(tl.int32)
-    else:
-        slot = tl.full((BLOCK_M,), -1, tl.int32)
-    return pos, pair, valid, token, slot
-
-
-@triton.jit
-def _first_slot(slot):
-    return tl.min(tl.where(slot >= 0, slot, _NO_SLOT))
-
-
-@triton.jit
-def _next_slot(slot, current):
-    return tl.min(tl.where(slot > current, slot, _NO_SLOT))
-
-
-@triton.jit
-def _block_slots(slot):
-    """(smallest slot >= 0 among the rows, or ``_NO_SLOT`` if none; number of distinct slots >= 0)."""
-    first = _first_slot(slot)
-    count = 0
-    current = first
-    while current < _NO_SLOT:
-        count += 1
-        current = _next_slot(slot, current)
-    return first, count
-
-
-@triton.jit
-def _lora_shrink_kernel(
-    inp_ptr, a_ptr, scale_ptr, out_ptr,
-    sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr,
-    num_pairs, top_k, in_features, rank,
-    stride_in_m, stride_in_k,
-    stride_a_l, stride_a_e, stride_a_r, stride_a_k,
-    stride_out_m, stride_out_r,
-    INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
-):  # fmt: skip
-    """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for one slot of one sub-block.
-
-    Grid: (max_blocks * SUBBLOCKS, slots per sub-block at most, cdiv(rank, BLOCK_R)); program
-    ``(sub, j, _)`` takes the ``j``-th slot present in sub-block ``sub`` and exits if there is none.
-    ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
-    """
-    sub = tl.program_id(0)
-    if sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
-        return
-    pos, pair, valid, token, slot = _block_rows(sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True)
-    current = _first_slot(slot)
-    for _ in range(0, tl.program_id(1)):
-        current = _next_slot(slot, current)
-    if current >= _NO_SLOT:
-        return
-    expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
-    row = token if INPUT_BY_TOKEN else pos
-    in_slot = slot == current
-    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    in_rows = inp_ptr + row[:, None].to(tl.int64) * stride_in_m
-    a_base = a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e + offs_r[None, :] * stride_a_r
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        k = k0 + offs_k
-        xs = tl.load(in_rows + k[None, :] * stride_in_k, mask=in_slot[:, None] & (k[None, :] < in_features), other=0.0)
-        a = tl.load(a_base + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < in_features), other=0.0)
-        acc += tl.dot(xs, a, input_precision=PRECISION)
-    acc *= tl.load(scale_ptr + current)
-    tl.store(
-        out_ptr + pos[:, None].to(tl.int64) * stride_out_m + offs_r[None, :] * stride_out_r,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=in_slot[:, None] & (offs_r[None, :] < rank),
-    )
-
-
-@triton.jit
-def _lora_steps(
-    acc, s_ptr, s_col0, b_ptr, expert, slot, first_slot, num_slots, pos, b_rows, b_row_mask, rank,
-    stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
-
-    One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
-    ``s`` (other rows masked to zero), the B operand its LoRA B. ``first_slot`` and ``num_slots`` are
-    ``_block_slots(slot)``, computed once per program by the caller. A ``for`` loop over a step count
-    known before it starts, so the compiler pipelines the loads of the next slots with this one's dot.
-    """
-    r_steps = tl.cdiv(rank, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    s_rows = s_ptr + pos[:, None].to(tl.int64) * stride_s_m
-    current = first_slot
-    for step in range(0, num_slots * r_steps):
-        r = (step % r_steps) * BLOCK_K + offs_k
-        r_mask = r < rank
-        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=(slot == current)[:, None] & r_mask[None, :], other=0.0)
-        b = tl.load(
-            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
-            + b_rows[None, :] * stride_b_n + r[:, None] * stride_b_r,
-            mask=b_row_mask[None, :] & r_mask[:, None],
-            other=0.0,
-        )
-        acc += tl.dot(s, b, input_precision=PRECISION)
-        current = tl.where(step % r_steps == r_steps - 1, _next_slot(slot, current), current)
-    return acc
-
-
-@triton.jit
-def _shrink_in_registers(
-    inp_rows, in_features, a_ptr, expert, slot, first_slot, num_slots, rank_a,
-    stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``s[m, r] = inp[row_m] . a[slot_m, expert, r]`` for ``r < rank_a``, float32 in registers.
-
-    The fused shrink: a program computes its block's ``s`` itself instead of reading it from the
-    shrink kernel's output. One step per (slot present, ``BLOCK_K`` input columns), as in
-    ``_lora_steps``; rows of other slots (and rows without one) are masked to zero.
-    """
-    k_steps = tl.cdiv(in_features, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    current = first_slot
-    for step in range(0, num_slots * k_steps):
-        k = (step % k_steps) * BLOCK_K + offs_k
-        k_mask = k < in_features
-        xs = tl.load(inp_rows + k[None, :] * stride_in_k, mask=(slot == current)[:, None] & k_mask[None, :], other=0.0)
-        a = tl.load(
-            a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e
-            + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
-            mask=(offs_r[None, :] < rank_a) & k_mask[:, None],
-            other=0.0,
-        )  # fmt: skip
-        s += tl.dot(xs, a, input_precision=PRECISION)
-        current = tl.where(step % k_steps == k_steps - 1, _next_slot(slot, current), current)
-    return s
-
-
-@triton.jit
-def _expand_from_registers(
-    acc, s, r0, rank, b_ptr, expert, slot, first_slot, num_slots, b_rows, b_row_mask,
-    stride_b_l, stride_b_e, stride_b_n, stride_b_r,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``acc[m, n] += sum_{r0 <= r < r0 + rank} s[m, r] * b[slot_m, expert, b_rows_n, r - r0]``.
-
-    ``s`` is this block's pre-scaled shrink output in registers (``_shrink_in_registers``), in
-    ``b``'s dtype; one step per slot present in the block.
-    """
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = (offs_r >= r0) & (offs_r < r0 + rank)
-    current = first_slot
-    for _ in range(0, num_slots):
-        b = tl.load(
-            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
-            + b_rows[None, :] * stride_b_n + (offs_r - r0)[:, None] * stride_b_r,
-            mask=b_row_mask[None, :] & r_mask[:, None],
-            other=0.0,
-        )  # fmt: skip
-        acc += tl.dot(tl.where((slot == current)[:, None], s, tl.zeros_like(s)), b, input_precision=PRECISION)
-        current = _next_slot(slot, current)
-    return acc
-
-
 @triton.jit
 def _activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
     if ACTIVATION == 5:
@@ -273,7 +107,7 @@ def _gate_up_kernel(
     if block >= tl.load(num_blocks_ptr):
         return
     expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-    pos, pair, valid, token, slot = _block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
+    pos, pair, valid, token, slot = block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inter
     if INTERLEAVED:
@@ -305,28 +139,28 @@ def _gate_up_kernel(
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA and FUSE_SHRINK:
-        first_slot, num_slots = _block_slots(slot)
+        first_slot, num_slots = block_slots(slot)
         if SPLIT_GATE_UP:
             up_col0 = rank
         else:
             up_col0 = 0
-        s = _shrink_in_registers(
+        s = shrink_in_registers(
             x_rows, hidden, gu_a_ptr, expert, slot, first_slot, num_slots, up_col0 + rank,
             stride_x_k, stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
         )  # fmt: skip
         s = (s * tl.load(gu_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(gu_b_ptr.dtype.element_ty)
-        acc_gate = _expand_from_registers(
+        acc_gate = expand_from_registers(
             acc_gate, s, 0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, gate_rows, n_mask,
             stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
         )  # fmt: skip
         if GATED:
-            acc_up = _expand_from_registers(
+            acc_up = expand_from_registers(
                 acc_up, s, up_col0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, up_rows, n_mask,
                 stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
             )  # fmt: skip
     elif HAS_LORA:
-        first_slot, num_slots = _block_slots(slot)
-        acc_gate = _lora_steps(
+        first_slot, num_slots = block_slots(slot)
+        acc_gate = lora_steps(
             acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, gate_rows, n_mask, rank,
             stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
@@ -336,7 +170,7 @@ def _gate_up_kernel(
                 up_col0 = rank
             else:
                 up_col0 = 0
-            acc_up = _lora_steps(
+            acc_up = lora_steps(
                 acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, up_rows, n_mask, rank,
                 stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
@@ -382,7 +216,7 @@ def _down_kernel(
     if block >= tl.load(num_blocks_ptr):
         return
     expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-    pos, pair, valid, token, slot = _block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
+    pos, pair, valid, token, slot = block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
@@ -400,19 +234,19 @@ def _down_kernel(
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA and FUSE_SHRINK:
-        first_slot, num_slots = _block_slots(slot)
-        s = _shrink_in_registers(
+        first_slot, num_slots = block_slots(slot)
+        s = shrink_in_registers(
             h_rows, inter, d_a_ptr, expert, slot, first_slot, num_slots, rank,
             stride_h_k, stride_da_l, stride_da_e, stride_da_r, stride_da_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
         )  # fmt: skip
         s = (s * tl.load(d_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(d_b_ptr.dtype.element_ty)
-        acc = _expand_from_registers(
+        acc = expand_from_registers(
             acc, s, 0, rank, d_b_ptr, expert, slot, first_slot, num_slots, offs_n, n_mask,
             stride_db_l, stride_db_e, stride_db_n, stride_db_r, BLOCK_R, PRECISION,
         )  # fmt: skip
     elif HAS_LORA:
-        first_slot, num_slots = _block_slots(slot)
-        acc = _lora_steps(
+        first_slot, num_slots = block_slots(slot)
+        acc = lora_steps(
             acc, s2_ptr, 0, d_b_ptr, expert, slot, first_slot, num_slots, pos, offs_n, n_mask, rank,
             stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
@@ -586,7 +420,7 @@ def _shrink(
     cfg = fit_shared_memory({**cfg, "block_n": block_r}, sub_m, 1, inp.element_size(), _shared_memory_limit(inp.device))
     slots_per_sub = min(sub_m, num_slots)
     grid = (expert_of_block.shape[0] * (block_m // sub_m), slots_per_sub, triton.cdiv(rank_total, block_r))
-    _lora_shrink_kernel[grid](
+    lora_shrink_kernel[grid](
         inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
         num_pairs, top_k, in_features, rank_total,
         *inp.stride(), *a.stride(), *out.stride(),

@@ -1,0 +1,188 @@
+"""Triton building blocks of the multi-LoRA part of the fused experts kernels.
+
+A block's rows (``BLOCK_M`` positions of the sorted pair order) carry their adapter slot; every
+helper here walks the distinct slots present in a block in increasing order (``first_slot``,
+``next_slot``), so that each (slot, expert) LoRA is read once per block and rows of other slots are
+masked to zero. ``fused_experts_triton`` holds the GEMM kernels that call them and the launchers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NO_SLOT = tl.constexpr(2**30)
+"""Larger than any slot: what ``first_slot``/``next_slot`` return when no slot is left."""
+
+
+@triton.jit
+def block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr):
+    """Rows of one block: sorted positions, pair ids, validity, tokens and adapter slots (-1: none)."""
+    pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + pos)
+    valid = pair < num_pairs
+    token = tl.where(valid, pair // top_k, 0)
+    if HAS_LORA:
+        slot = tl.load(token_lora_ptr + token, mask=valid, other=-1).to(tl.int32)
+    else:
+        slot = tl.full((BLOCK_M,), -1, tl.int32)
+    return pos, pair, valid, token, slot
+
+
+@triton.jit
+def first_slot(slot):
+    return tl.min(tl.where(slot >= 0, slot, NO_SLOT))
+
+
+@triton.jit
+def next_slot(slot, current):
+    return tl.min(tl.where(slot > current, slot, NO_SLOT))
+
+
+@triton.jit
+def block_slots(slot):
+    """(smallest slot >= 0 among the rows, or ``NO_SLOT`` if none; number of distinct slots >= 0)."""
+    first = first_slot(slot)
+    count = 0
+    current = first
+    while current < NO_SLOT:
+        count += 1
+        current = next_slot(slot, current)
+    return first, count
+
+
+@triton.jit
+def lora_shrink_kernel(
+    inp_ptr, a_ptr, scale_ptr, out_ptr,
+    sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr,
+    num_pairs, top_k, in_features, rank,
+    stride_in_m, stride_in_k,
+    stride_a_l, stride_a_e, stride_a_r, stride_a_k,
+    stride_out_m, stride_out_r,
+    INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
+):  # fmt: skip
+    """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for one slot of one sub-block.
+
+    Grid: (max_blocks * SUBBLOCKS, slots per sub-block at most, cdiv(rank, BLOCK_R)); program
+    ``(sub, j, _)`` takes the ``j``-th slot present in sub-block ``sub`` and exits if there is none.
+    ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
+    """
+    sub = tl.program_id(0)
+    if sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
+        return
+    pos, pair, valid, token, slot = block_rows(sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True)
+    current = first_slot(slot)
+    for _ in range(0, tl.program_id(1)):
+        current = next_slot(slot, current)
+    if current >= NO_SLOT:
+        return
+    expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
+    row = token if INPUT_BY_TOKEN else pos
+    in_slot = slot == current
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_rows = inp_ptr + row[:, None].to(tl.int64) * stride_in_m
+    a_base = a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e + offs_r[None, :] * stride_a_r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        k = k0 + offs_k
+        xs = tl.load(in_rows + k[None, :] * stride_in_k, mask=in_slot[:, None] & (k[None, :] < in_features), other=0.0)
+        a = tl.load(a_base + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < in_features), other=0.0)
+        acc += tl.dot(xs, a, input_precision=PRECISION)
+    acc *= tl.load(scale_ptr + current)
+    tl.store(
+        out_ptr + pos[:, None].to(tl.int64) * stride_out_m + offs_r[None, :] * stride_out_r,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=in_slot[:, None] & (offs_r[None, :] < rank),
+    )
+
+
+@triton.jit
+def lora_steps(
+    acc, s_ptr, s_col0, b_ptr, expert, slot, first_slot, num_slots, pos, b_rows, b_row_mask, rank,
+    stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
+
+    One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
+    ``s`` (other rows masked to zero), the B operand its LoRA B. ``first_slot`` and ``num_slots`` are
+    ``block_slots(slot)``, computed once per program by the caller. A ``for`` loop over a step count
+    known before it starts, so the compiler pipelines the loads of the next slots with this one's dot.
+    """
+    r_steps = tl.cdiv(rank, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    s_rows = s_ptr + pos[:, None].to(tl.int64) * stride_s_m
+    current = first_slot
+    for step in range(0, num_slots * r_steps):
+        r = (step % r_steps) * BLOCK_K + offs_k
+        r_mask = r < rank
+        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=(slot == current)[:, None] & r_mask[None, :], other=0.0)
+        b = tl.load(
+            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
+            + b_rows[None, :] * stride_b_n + r[:, None] * stride_b_r,
+            mask=b_row_mask[None, :] & r_mask[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(s, b, input_precision=PRECISION)
+        current = tl.where(step % r_steps == r_steps - 1, next_slot(slot, current), current)
+    return acc
+
+
+@triton.jit
+def shrink_in_registers(
+    inp_rows, in_features, a_ptr, expert, slot, first_slot, num_slots, rank_a,
+    stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``s[m, r] = inp[row_m] . a[slot_m, expert, r]`` for ``r < rank_a``, float32 in registers.
+
+    The fused shrink: a program computes its block's ``s`` itself instead of reading it from the
+    shrink kernel's output. One step per (slot present, ``BLOCK_K`` input columns), as in
+    ``lora_steps``; rows of other slots (and rows without one) are masked to zero.
+    """
+    k_steps = tl.cdiv(in_features, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    current = first_slot
+    for step in range(0, num_slots * k_steps):
+        k = (step % k_steps) * BLOCK_K + offs_k
+        k_mask = k < in_features
+        xs = tl.load(inp_rows + k[None, :] * stride_in_k, mask=(slot == current)[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e
+            + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
+            mask=(offs_r[None, :] < rank_a) & k_mask[:, None],
+            other=0.0,
+        )  # fmt: skip
+        s += tl.dot(xs, a, input_precision=PRECISION)
+        current = tl.where(step % k_steps == k_steps - 1, next_slot(slot, current), current)
+    return s
+
+
+@triton.jit
+def expand_from_registers(
+    acc, s, r0, rank, b_ptr, expert, slot, first_slot, num_slots, b_rows, b_row_mask,
+    stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc[m, n] += sum_{r0 <= r < r0 + rank} s[m, r] * b[slot_m, expert, b_rows_n, r - r0]``.
+
+    ``s`` is this block's pre-scaled shrink output in registers (``shrink_in_registers``), in
+    ``b``'s dtype; one step per slot present in the block.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = (offs_r >= r0) & (offs_r < r0 + rank)
+    current = first_slot
+    for _ in range(0, num_slots):
+        b = tl.load(
+            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
+            + b_rows[None, :] * stride_b_n + (offs_r - r0)[:, None] * stride_b_r,
+            mask=b_row_mask[None, :] & r_mask[:, None],
+            other=0.0,
+        )  # fmt: skip
+        acc += tl.dot(tl.where((slot == current)[:, None], s, tl.zeros_like(s)), b, input_precision=PRECISION)
+        current = next_slot(slot, current)
+    return acc
