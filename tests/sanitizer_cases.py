@@ -1,4 +1,5 @@
-"""Launches every CUDA align path and one fused_experts call, for compute-sanitizer (GPU only).
+"""Launches every CUDA align path and fused_experts calls (shrink separate and fused), for
+compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -18,6 +19,8 @@ from test_align import assert_aligned  # noqa: E402
 
 from torch_moe_lora import fused_experts  # noqa: E402
 from torch_moe_lora.ops.align import align_block_size  # noqa: E402
+from torch_moe_lora.ops.fused_experts import launch_config  # noqa: E402
+from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
 from torch_moe_lora.reference import align_block_size_ref, fused_experts_ref  # noqa: E402
 
 ALIGN_CASES = {  # name: (T, K, E, L, block_size)
@@ -43,13 +46,20 @@ def check_align() -> None:
 
 
 def check_fused_experts() -> None:
+    """The op with its launch config, then the Triton path with the shrink fused into the GEMMs."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
-        out = fused_experts(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
-        rel = ((out.double() - ref).norm() / ref.norm()).item()
-        assert rel < 5e-3, rel
-        print(f"fused_experts ok: T={T}, relative error {rel:.2e}")
+        out = fused_experts(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
+        config = {**launch_config(p.x, p.topk_ids, p.w2), "fuse_shrink_max_rank": 512}
+        fused = fused_experts_triton(
+            p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, p.w13_bias, p.w2_bias, p.token_lora, *p.lora,
+            "silu", True, False, 1.702, 7.0, False, config=config,
+        )  # fmt: skip
+        for what, result in (("launch config", out), ("fused shrink", fused)):
+            rel = ((result.double() - ref).norm() / ref.norm()).item()
+            assert rel < 5e-3, (what, rel)
+            print(f"fused_experts ok: T={T}, {what}, relative error {rel:.2e}")
 
 
 if __name__ == "__main__":
