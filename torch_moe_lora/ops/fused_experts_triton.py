@@ -138,43 +138,39 @@ def _gate_up_kernel(
                 other=0.0,
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
-    if HAS_LORA and FUSE_SHRINK:
+    if HAS_LORA:
         first_slot, num_slots = block_slots(slot)
         if SPLIT_GATE_UP:
             up_col0 = rank
         else:
             up_col0 = 0
-        s = shrink_in_registers(
-            x_rows, hidden, gu_a_ptr, expert, slot, first_slot, num_slots, up_col0 + rank,
-            stride_x_k, stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
-        )  # fmt: skip
-        s = (s * tl.load(gu_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(gu_b_ptr.dtype.element_ty)
-        acc_gate = expand_from_registers(
-            acc_gate, s, 0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, gate_rows, n_mask,
-            stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
-        )  # fmt: skip
-        if GATED:
-            acc_up = expand_from_registers(
-                acc_up, s, up_col0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, up_rows, n_mask,
+        if FUSE_SHRINK:
+            s = shrink_in_registers(
+                x_rows, hidden, gu_a_ptr, expert, slot, first_slot, num_slots, up_col0 + rank,
+                stride_x_k, stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            s = (s * tl.load(gu_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(gu_b_ptr.dtype.element_ty)
+            acc_gate = expand_from_registers(
+                acc_gate, s, 0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, gate_rows, n_mask,
                 stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
             )  # fmt: skip
-    elif HAS_LORA:
-        first_slot, num_slots = block_slots(slot)
-        acc_gate = lora_steps(
-            acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, gate_rows, n_mask, rank,
-            stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
-            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-        )  # fmt: skip
-        if GATED:
-            if SPLIT_GATE_UP:
-                up_col0 = rank
-            else:
-                up_col0 = 0
-            acc_up = lora_steps(
-                acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, up_rows, n_mask, rank,
+            if GATED:
+                acc_up = expand_from_registers(
+                    acc_up, s, up_col0, rank, gu_b_ptr, expert, slot, first_slot, num_slots, up_rows, n_mask,
+                    stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r, BLOCK_R, PRECISION,
+                )  # fmt: skip
+        else:
+            acc_gate = lora_steps(
+                acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, gate_rows, n_mask, rank,
                 stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
             )  # fmt: skip
+            if GATED:
+                acc_up = lora_steps(
+                    acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, up_rows, n_mask,
+                    rank, stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                )  # fmt: skip
     if WEIGHT_ON_INPUT:
         w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc_gate *= w[:, None]
@@ -233,24 +229,24 @@ def _down_kernel(
             other=0.0,
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
-    if HAS_LORA and FUSE_SHRINK:
+    if HAS_LORA:
         first_slot, num_slots = block_slots(slot)
-        s = shrink_in_registers(
-            h_rows, inter, d_a_ptr, expert, slot, first_slot, num_slots, rank,
-            stride_h_k, stride_da_l, stride_da_e, stride_da_r, stride_da_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
-        )  # fmt: skip
-        s = (s * tl.load(d_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(d_b_ptr.dtype.element_ty)
-        acc = expand_from_registers(
-            acc, s, 0, rank, d_b_ptr, expert, slot, first_slot, num_slots, offs_n, n_mask,
-            stride_db_l, stride_db_e, stride_db_n, stride_db_r, BLOCK_R, PRECISION,
-        )  # fmt: skip
-    elif HAS_LORA:
-        first_slot, num_slots = block_slots(slot)
-        acc = lora_steps(
-            acc, s2_ptr, 0, d_b_ptr, expert, slot, first_slot, num_slots, pos, offs_n, n_mask, rank,
-            stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
-            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-        )  # fmt: skip
+        if FUSE_SHRINK:
+            s = shrink_in_registers(
+                h_rows, inter, d_a_ptr, expert, slot, first_slot, num_slots, rank,
+                stride_h_k, stride_da_l, stride_da_e, stride_da_r, stride_da_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
+            )  # fmt: skip
+            s = (s * tl.load(d_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(d_b_ptr.dtype.element_ty)
+            acc = expand_from_registers(
+                acc, s, 0, rank, d_b_ptr, expert, slot, first_slot, num_slots, offs_n, n_mask,
+                stride_db_l, stride_db_e, stride_db_n, stride_db_r, BLOCK_R, PRECISION,
+            )  # fmt: skip
+        else:
+            acc = lora_steps(
+                acc, s2_ptr, 0, d_b_ptr, expert, slot, first_slot, num_slots, pos, offs_n, n_mask, rank,
+                stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b2_ptr + expert * stride_b2_e + offs_n * stride_b2_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if not WEIGHT_ON_INPUT:
