@@ -43,9 +43,6 @@ CONFIGS = {
     # The shrink fused into the GEMM kernels (any rank up to 512), with one and with many slots per block.
     "fused_shrink": {**small_config(), "fuse_shrink_max_rank": 512},
     "fused_shrink_wide": {**small_config(block_m=64, block_n=32, block_k=32, group_m=1), "fuse_shrink_max_rank": 512},
-    # The two-launch decode path (decode_triton.py): pairs unsorted, the down kernel sums each token's K rows.
-    "unsorted": {**small_config(), "unsorted": True},
-    "unsorted_wide": {**small_config(block_n=32, block_k=32), "unsorted": True},
 }
 
 
@@ -102,19 +99,6 @@ def test_transposed_weights_read_in_place():
     assert not problem.w13.is_contiguous()
     out = run_triton(problem, CONFIGS["small"])
     assert_close_verbose(out, reference(problem), problem.x.dtype, "transposed weights")
-
-
-@pytest.mark.parametrize("config", ["small", "unsorted"])
-def test_strided_routing_and_mapping(config):
-    """topk_ids, topk_weights and token_lora as strided views (e.g. columns of a larger routing tensor)."""
-    problem = make_problem(T=6, H=32, I=16, E=4, K=2, L=3, R=4).to(DEVICE)
-    expected = reference(problem)
-    problem.topk_ids = torch.stack([problem.topk_ids, -torch.ones_like(problem.topk_ids)], -1)[..., 0]
-    problem.topk_weights = problem.topk_weights.t().contiguous().t()
-    problem.token_lora = torch.stack([problem.token_lora, problem.token_lora], -1)[:, 1]
-    assert not (problem.topk_ids.is_contiguous() or problem.topk_weights.is_contiguous() or problem.token_lora.is_contiguous())
-    out = run_triton(problem, CONFIGS[config])
-    assert_close_verbose(out, expected, problem.x.dtype, f"strided routing, config {config}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from .lora_triton import (
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
 @triton.jit
-def apply_activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+def _activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
     if ACTIVATION == 5:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -67,39 +67,6 @@ def apply_activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, al
     if GATED:
         return a * up
     return a
-
-
-@triton.jit
-def gate_up_k_loop(
-    x_rows, valid, w_base, gate_rows, up_rows, n_mask, hidden, stride_x_k, stride_w_n, stride_w_k,
-    GATED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The base GEMM of gate_up over the hidden dimension: ``(x . w13[gate_rows], x . w13[up_rows])``.
-
-    ``x_rows`` points at each row's input (``[BLOCK_M, 1]``), ``w_base`` at the expert's ``w13``;
-    rows where ``valid`` is false read nothing and accumulate zeros.
-    """
-    offs_k = tl.arange(0, BLOCK_K)
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < hidden
-        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w_gate = tl.load(
-            w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
-        acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
-        if GATED:
-            w_up = tl.load(
-                w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
-                mask=n_mask[None, :] & k_mask[:, None],
-                other=0.0,
-            )
-            acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
-    return acc_gate, acc_up
 
 
 @triton.jit
@@ -149,11 +116,28 @@ def _gate_up_kernel(
     else:
         gate_rows = offs_n
         up_rows = inter + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + token[:, None].to(tl.int64) * stride_x_m
-    acc_gate, acc_up = gate_up_k_loop(
-        x_rows, valid, w13_ptr + expert * stride_w_e, gate_rows, up_rows, n_mask, hidden,
-        stride_x_k, stride_w_n, stride_w_k, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
+    w_base = w13_ptr + expert * stride_w_e
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < hidden
+        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w_gate = tl.load(
+            w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(
+                w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+                mask=n_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
         first_slot, num_slots = block_slots(slot)
         if SPLIT_GATE_UP:
@@ -196,7 +180,7 @@ def _gate_up_kernel(
         acc_gate += tl.load(b_base + gate_rows * stride_b13_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(b_base + up_rows * stride_b13_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    h = apply_activation(acc_gate, acc_up, ACTIVATION, GATED, alpha, limit)
+    h = _activation(acc_gate, acc_up, ACTIVATION, GATED, alpha, limit)
     tl.store(
         h_ptr + pos[:, None].to(tl.int64) * stride_h_m + offs_n[None, :] * stride_h_n,
         h.to(h_ptr.dtype.element_ty),
@@ -332,12 +316,10 @@ def fused_experts_triton(
     ``moe_lora::fused_experts`` (already validated).
 
     ``config`` holds ``block_m``, ``sub_m`` and per-kernel tile sizes (see
-    ``torch_moe_lora/configs``); with ``"unsorted": true`` the two-launch decode path of
-    ``decode_triton.py`` runs instead. ``out`` is an optional ``[T, H]`` output buffer. All buffers
-    are sized from static bounds; nothing here reads device data on the host.
+    ``torch_moe_lora/configs``); ``out`` is an optional ``[T, H]`` output buffer. All buffers are
+    sized from static bounds; nothing here reads device data on the host.
     """
     from .align import align_block_size
-    from .decode_triton import fused_experts_unsorted
 
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -346,17 +328,7 @@ def fused_experts_triton(
     out = torch.empty_like(x) if out is None else out
     if num_tokens == 0:
         return out
-    # The kernels index these by pair and token: give them unit strides (no copy when they have them).
-    topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
-    token_lora = token_lora.contiguous() if token_lora is not None else None
     has_lora = gate_up_a is not None and token_lora is not None
-    if config.get("unsorted", False):
-        return fused_experts_unsorted(
-            x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-            gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
-            ACTIVATION_CODES[activation], gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
-            config, out,
-        )  # fmt: skip
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
     block_m, sub_m = config["block_m"], config.get("sub_m", 16)
     if block_m % sub_m != 0:
