@@ -101,6 +101,18 @@ def test_transposed_weights_read_in_place():
     assert_close_verbose(out, reference(problem), problem.x.dtype, "transposed weights")
 
 
+def test_strided_routing_and_mapping():
+    """topk_ids, topk_weights and token_lora as strided views (e.g. columns of a larger routing tensor)."""
+    problem = make_problem(T=6, H=32, I=16, E=4, K=2, L=3, R=4).to(DEVICE)
+    expected = reference(problem)
+    problem.topk_ids = torch.stack([problem.topk_ids, -torch.ones_like(problem.topk_ids)], -1)[..., 0]
+    problem.topk_weights = problem.topk_weights.t().contiguous().t()
+    problem.token_lora = torch.stack([problem.token_lora, problem.token_lora], -1)[:, 1]
+    assert not (problem.topk_ids.is_contiguous() or problem.topk_weights.is_contiguous() or problem.token_lora.is_contiguous())
+    out = run_triton(problem, CONFIGS["small"])
+    assert_close_verbose(out, expected, problem.x.dtype, "strided routing")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only: the registered op, larger shapes, CUDA graphs, torch.compile.
 

@@ -328,6 +328,9 @@ def fused_experts_triton(
     out = torch.empty_like(x) if out is None else out
     if num_tokens == 0:
         return out
+    # The kernels index these by pair and token: give them unit strides (no copy when they have them).
+    topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+    token_lora = token_lora.contiguous() if token_lora is not None else None
     has_lora = gate_up_a is not None and token_lora is not None
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
     block_m, sub_m = config["block_m"], config.get("sub_m", 16)
