@@ -43,6 +43,7 @@ from .lora_triton import (
     lora_shrink_kernel,
     lora_steps,
     shrink_in_registers,
+    wait_for_previous_kernel,
 )
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
@@ -94,7 +95,7 @@ def _gate_up_kernel(
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
@@ -103,6 +104,7 @@ def _gate_up_kernel(
     ``FUSE_SHRINK`` the program computes its rows' ``s1`` from ``gate_up_a`` itself (``s1_ptr`` is
     unused).
     """
+    wait_for_previous_kernel(USE_PDL)
     block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
     if block >= tl.load(num_blocks_ptr):
         return
@@ -202,17 +204,20 @@ def _down_kernel(
     stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns.
 
-    With ``FUSE_SHRINK`` the program computes its rows' ``s2`` from ``down_a`` itself.
+    With ``FUSE_SHRINK`` the program computes its rows' ``s2`` from ``down_a`` itself. With
+    ``USE_PDL`` the align op's outputs are read before waiting for the previous kernel: that kernel
+    waited for them before it let this one launch.
     """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
     if block >= tl.load(num_blocks_ptr):
         return
     expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
     pos, pair, valid, token, slot = block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
+    wait_for_previous_kernel(USE_PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
@@ -262,9 +267,10 @@ def _down_kernel(
 def _sum_topk_kernel(
     y_ptr, topk_ids_ptr, out_ptr, num_experts, hidden, top_k,
     stride_y_m, stride_out_m,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``out[t, n] = sum_k y[t * K + k, n]`` over the k whose expert is in ``[0, num_experts)``."""
+    wait_for_previous_kernel(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
@@ -276,8 +282,8 @@ def _sum_topk_kernel(
     tl.store(out_ptr + token * stride_out_m + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _launch_options(cfg: dict) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+def _launch_options(cfg: dict, pdl: bool) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
 
 
 def fit_shared_memory(cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None) -> dict:
@@ -346,6 +352,7 @@ def fused_experts_triton(
     dummy = x.new_empty(1)
     rows = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
     precision = _dot_precision(x.dtype)
+    pdl = config.get("pdl", True) and _supports_pdl(x.device)
     fuse = has_lora and max(gate_up_a.shape[2], down_a.shape[2]) <= config.get("fuse_shrink_max_rank", 0)
     if has_lora:
         rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
@@ -355,7 +362,7 @@ def fused_experts_triton(
         if not fuse:
             s1 = x.new_empty(num_rows, gate_up_a.shape[2])
             s2 = x.new_empty(num_rows, down_rank)
-            _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, True, config["shrink"])
+            _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, True, config["shrink"], pdl)
     else:
         rank = down_rank = 0
         block_r = 16
@@ -373,10 +380,10 @@ def fused_experts_triton(
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg, pdl),
     )  # fmt: skip
     if has_lora and not fuse:
-        _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"])
+        _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"], pdl)
     cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
         h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, *rows,
@@ -385,12 +392,12 @@ def fused_experts_triton(
         *s2.stride(), *down_a.stride(), *down_b.stride(), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg, pdl),
     )  # fmt: skip
     cfg = config["sum"]
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
         y, topk_ids, out, num_experts, hidden, top_k, y.stride(0), out.stride(0),
-        BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -398,6 +405,16 @@ def fused_experts_triton(
 @functools.cache
 def _shared_memory_per_device(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+@functools.cache
+def _pdl_per_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def _supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (each kernel launches while the previous one finishes): sm_90+."""
+    return device.type == "cuda" and _pdl_per_device(device.index)
 
 
 def _shared_memory_limit(device: torch.device) -> int | None:
@@ -412,7 +429,7 @@ def _rank_block(rank: int) -> int:
 
 def _shrink(
     inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
-    num_pairs, top_k, num_slots, block_m, sub_m, by_token, cfg,
+    num_pairs, top_k, num_slots, block_m, sub_m, by_token, cfg, pdl,
 ):  # fmt: skip
     rank_total, in_features = a.shape[2], a.shape[3]
     block_r = min(cfg["max_block_r"], _rank_block(rank_total))
@@ -424,5 +441,5 @@ def _shrink(
         num_pairs, top_k, in_features, rank_total,
         *inp.stride(), *a.stride(), *out.stride(),
         INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
-        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, **_launch_options(cfg),
+        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, **_launch_options(cfg, pdl),
     )  # fmt: skip

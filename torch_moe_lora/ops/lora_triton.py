@@ -30,6 +30,15 @@ def block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLO
 
 
 @triton.jit
+def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch, block until the previous kernel's writes are visible,
+    then let the next kernel launch (it waits in turn). A no-op without it."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def first_slot(slot):
     return tl.min(tl.where(slot >= 0, slot, NO_SLOT))
 
@@ -61,6 +70,7 @@ def lora_shrink_kernel(
     stride_out_m, stride_out_r,
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for one slot of one sub-block.
 
@@ -68,6 +78,7 @@ def lora_shrink_kernel(
     ``(sub, j, _)`` takes the ``j``-th slot present in sub-block ``sub`` and exits if there is none.
     ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
     """
+    wait_for_previous_kernel(USE_PDL)
     sub = tl.program_id(0)
     if sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
         return
