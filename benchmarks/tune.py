@@ -4,8 +4,9 @@ For every model shape and token bucket it searches, one part at a time (block_m,
 tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA (rank 16, tokens
 spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. For decode
 buckets it then times the shrink fused into the GEMM kernels against the separate shrink launches
-at rank 16 and 64 and records the largest rank up to which fusing wins (``fuse_shrink_max_rank``,
-0: never). Buckets merge into the shape's entry of an existing file.
+at rank 16, 64 and 128 and records the largest rank up to which fusing wins (``fuse_shrink_max_rank``,
+0: never); ``--fuse-only`` redoes only that decision for the given buckets, keeping their tiles.
+Buckets merge into the shape's entry of an existing file.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
 """
@@ -90,7 +91,7 @@ def grid(choices: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(choices[k] for k in keys))]
 
 
-def fused_shrink_max_rank(shape, num_tokens, config, log, ranks=(16, 64)) -> int:
+def fused_shrink_max_rank(shape, num_tokens, config, log) -> int:
     """The largest of ``ranks`` up to which the shrink fused into the GEMMs beats separate launches."""
     best = 0
     for rank in ranks:
@@ -110,10 +111,18 @@ def fused_shrink_max_rank(shape, num_tokens, config, log, ranks=(16, 64)) -> int
     return best
 
 
-def tune_shape(shape, tokens, log):
+def tune_shape(shape, tokens, log, fuse_only=False):
+    """Tuned buckets of one shape. ``fuse_only`` keeps each bucket's tiles from the current config
+    and only decides ``fuse_shrink_max_rank`` again (decode buckets)."""
     hidden, inter, num_experts, top_k = shape
     buckets = {}
     for num_tokens in tokens:
+        if fuse_only:
+            config = copy.deepcopy(get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens))
+            log(f"  T={num_tokens}:")
+            config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
+            buckets[str(num_tokens)] = config
+            continue
         run = make_runner(shape, num_tokens)
         config = copy.deepcopy(get_config(None, num_experts, hidden, inter, top_k, num_tokens))
         log(f"  T={num_tokens}: default {run(config):.4f} ms")
@@ -138,6 +147,7 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
+    parser.add_argument("--fuse-only", action="store_true", help="keep the tiles, decide only fuse_shrink_max_rank")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     path = args.out / device_file_name(device)
@@ -147,7 +157,7 @@ def main():
         shape = SHAPES[name]
         print(f"{name} {shape}", flush=True)
         buckets = tuned.setdefault(shape_key(shape[2], shape[0], shape[1], shape[3]), {})
-        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True)))
+        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.fuse_only))
         tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuned, indent=1))
