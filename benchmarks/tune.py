@@ -91,7 +91,7 @@ def grid(choices: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(choices[k] for k in keys))]
 
 
-def fused_shrink_max_rank(shape, num_tokens, config, log) -> int:
+def fused_shrink_max_rank(shape, num_tokens, config, log, ranks=(16, 64, 128)) -> int:
     """The largest of ``ranks`` up to which the shrink fused into the GEMMs beats separate launches."""
     best = 0
     for rank in ranks:

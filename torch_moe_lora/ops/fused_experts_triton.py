@@ -21,14 +21,11 @@ shrink reads each (slot, expert) A once per sub-block that holds it and does no 
 
 Where the launch config says so (``fuse_shrink_max_rank`` >= the LoRA A ranks; tuned for decode,
 where launches dominate), kernels 1 and 3 are not launched: each GEMM program computes its block's
-``s`` in registers and expands from there, so a call is four launches instead of six. The rows of
-the block's first slot (a decode block has one) are shrunk inside the base K loop from the input
-tile it already loaded (``first_slot_shrink_step``); other slots after it (``shrink_in_registers``).
-A is read from L2 once per column tile.
+``s`` in registers after its K loop (``shrink_in_registers``, reading A from L2 once per column
+tile) and expands from there, so a call is four launches instead of six.
 
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
-can capture the launch. On sm_90+ the Triton kernels use programmatic dependent launch: each one
-launches while the previous one drains and waits for its writes (``wait_for_previous_kernel``).
+can capture the launch.
 """
 
 from __future__ import annotations
@@ -43,9 +40,7 @@ from .lora_triton import (
     block_rows,
     block_slots,
     expand_from_registers,
-    first_slot_shrink_step,
     lora_shrink_kernel,
-    next_slot,
     lora_steps,
     shrink_in_registers,
     wait_for_previous_kernel,
@@ -128,22 +123,10 @@ def _gate_up_kernel(
     w_base = w13_ptr + expert * stride_w_e
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_LORA:
-        first_slot, num_slots = block_slots(slot)
-        if SPLIT_GATE_UP:
-            up_col0 = rank
-        else:
-            up_col0 = 0
-        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < hidden
         xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        if HAS_LORA and FUSE_SHRINK:
-            s = first_slot_shrink_step(
-                s, xs, gu_a_ptr, expert, slot, first_slot, up_col0 + rank, k, k_mask,
-                stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k, BLOCK_R, PRECISION,
-            )  # fmt: skip
         w_gate = tl.load(
             w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
             mask=n_mask[None, :] & k_mask[:, None],
@@ -158,9 +141,14 @@ def _gate_up_kernel(
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
+        first_slot, num_slots = block_slots(slot)
+        if SPLIT_GATE_UP:
+            up_col0 = rank
+        else:
+            up_col0 = 0
         if FUSE_SHRINK:
-            s += shrink_in_registers(
-                x_rows, hidden, gu_a_ptr, expert, slot, next_slot(slot, first_slot), num_slots - 1, up_col0 + rank,
+            s = shrink_in_registers(
+                x_rows, hidden, gu_a_ptr, expert, slot, first_slot, num_slots, up_col0 + rank,
                 stride_x_k, stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
             )  # fmt: skip
             s = (s * tl.load(gu_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(gu_b_ptr.dtype.element_ty)
@@ -236,18 +224,10 @@ def _down_kernel(
     h_rows = h_ptr + pos[:, None].to(tl.int64) * stride_h_m
     w_base = w2_ptr + expert * stride_w_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_LORA:
-        first_slot, num_slots = block_slots(slot)
-        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < inter
         hs = tl.load(h_rows + k[None, :] * stride_h_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        if HAS_LORA and FUSE_SHRINK:
-            s = first_slot_shrink_step(
-                s, hs, d_a_ptr, expert, slot, first_slot, rank, k, k_mask,
-                stride_da_l, stride_da_e, stride_da_r, stride_da_k, BLOCK_R, PRECISION,
-            )  # fmt: skip
         w = tl.load(
             w_base + offs_n[None, :] * stride_w_n + k[:, None] * stride_w_k,
             mask=n_mask[None, :] & k_mask[:, None],
@@ -255,9 +235,10 @@ def _down_kernel(
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA:
+        first_slot, num_slots = block_slots(slot)
         if FUSE_SHRINK:
-            s += shrink_in_registers(
-                h_rows, inter, d_a_ptr, expert, slot, next_slot(slot, first_slot), num_slots - 1, rank,
+            s = shrink_in_registers(
+                h_rows, inter, d_a_ptr, expert, slot, first_slot, num_slots, rank,
                 stride_h_k, stride_da_l, stride_da_e, stride_da_r, stride_da_k, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION,
             )  # fmt: skip
             s = (s * tl.load(d_scale_ptr + slot, mask=slot >= 0, other=0.0)[:, None]).to(d_b_ptr.dtype.element_ty)
@@ -305,21 +286,18 @@ def _launch_options(cfg: dict, pdl: bool) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
 
 
-def fit_shared_memory(
-    cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None, extra_cols: int = 0
-) -> dict:
+def fit_shared_memory(cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None) -> dict:
     """``cfg`` with fewer pipeline stages, then a smaller K tile, until its tiles fit ``limit`` bytes.
 
     Tuned configs are for 16-bit operands; float32 doubles the bytes of every stage. Each stage
-    holds one ``[block_m, block_k]`` A tile, ``b_tiles`` ``[block_k, block_n]`` B tiles and a
-    ``[block_k, extra_cols]`` tile (the LoRA A of the fused shrink).
+    holds one ``[block_m, block_k]`` A tile and ``b_tiles`` ``[block_k, block_n]`` B tiles.
     """
     if limit is None:
         return cfg
     cfg = dict(cfg)
 
     def need() -> int:
-        return cfg["num_stages"] * cfg["block_k"] * (block_m + b_tiles * cfg["block_n"] + extra_cols) * element_size
+        return cfg["num_stages"] * cfg["block_k"] * (block_m + b_tiles * cfg["block_n"]) * element_size
 
     while need() > limit and cfg["num_stages"] > 2:
         cfg["num_stages"] -= 1
@@ -392,8 +370,7 @@ def fused_experts_triton(
         gate_up_a = gate_up_b = down_a = down_b = x.new_empty(1, 1, 1, 1)
         gate_up_scale = down_scale = dummy
     smem = _shared_memory_limit(x.device)
-    fused_cols = block_r if fuse else 0
-    cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem, fused_cols)
+    cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
         x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, *rows,
         num_pairs, top_k, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
@@ -407,7 +384,7 @@ def fused_experts_triton(
     )  # fmt: skip
     if has_lora and not fuse:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"], pdl)
-    cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem, fused_cols)
+    cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
         h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, *rows,
         num_pairs, top_k, hidden, inter, down_rank, max_blocks,

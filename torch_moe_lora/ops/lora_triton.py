@@ -174,28 +174,6 @@ def shrink_in_registers(
 
 
 @triton.jit
-def first_slot_shrink_step(
-    s, xs, a_ptr, expert, slot, first_slot, rank_a, k, k_mask,
-    stride_a_l, stride_a_e, stride_a_r, stride_a_k, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One step of the fused shrink inside a GEMM's K loop: ``s += xs . a[first_slot, expert, :, k]^T``
-    over the rows of the block's first slot, reusing the ``xs`` tile the base GEMM just loaded.
-
-    The other slots of a block (a decode block has at most one) are shrunk after the loop by
-    ``shrink_in_registers``. Reads nothing when the block has no slot.
-    """
-    offs_r = tl.arange(0, BLOCK_R)
-    r_limit = tl.where(first_slot < NO_SLOT, rank_a, 0)
-    a = tl.load(
-        a_ptr + tl.where(first_slot < NO_SLOT, first_slot, 0).to(tl.int64) * stride_a_l + expert * stride_a_e
-        + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
-        mask=(offs_r[None, :] < r_limit) & k_mask[:, None],
-        other=0.0,
-    )  # fmt: skip
-    return s + tl.dot(tl.where((slot == first_slot)[:, None], xs, tl.zeros_like(xs)), a, input_precision=PRECISION)
-
-
-@triton.jit
 def expand_from_registers(
     acc, s, r0, rank, b_ptr, expert, slot, first_slot, num_slots, b_rows, b_row_mask,
     stride_b_l, stride_b_e, stride_b_n, stride_b_r,
