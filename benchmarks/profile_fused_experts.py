@@ -1,5 +1,8 @@
 """Per-kernel GPU time of one fused experts call, from torch.profiler (GPU).
 
+Calls run eagerly with the tuned launch config, changed by ``--set`` as in ``compare_configs.py``
+(``--set pdl=false`` keeps a kernel's wait for the previous one out of its time).
+
     python benchmarks/profile_fused_experts.py --shape qwen3_30b_a3b --tokens 1 1024 --ranks 64 --scenario uniform16
 """
 
@@ -16,8 +19,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_fused_experts import SHAPES  # noqa: E402
 from common import random_lora, random_routing, token_mapping  # noqa: E402
+from compare_configs import with_changes  # noqa: E402
 
-from torch_moe_lora import fused_experts  # noqa: E402
+from torch_moe_lora.configs import get_config  # noqa: E402
+from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
 
 
 def kernel_times(fn, repeats: int = 10) -> dict[str, float]:
@@ -42,6 +47,7 @@ def main():
     parser.add_argument("--tokens", nargs="*", type=int, default=[1, 64, 1024, 4096])
     parser.add_argument("--ranks", nargs="*", type=int, default=[16, 64])
     parser.add_argument("--scenario", default="uniform16")
+    parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="NAME=JSON")
     args = parser.parse_args()
     hidden, inter, num_experts, top_k = SHAPES[args.shape]
     dtype = torch.bfloat16
@@ -53,8 +59,16 @@ def main():
             x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
             ids, weights = random_routing(num_tokens, num_experts, top_k)
             mapping = token_mapping(num_tokens, args.scenario, 16)
+            config = with_changes(
+                get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens), args.changes
+            )
             for label, token_lora in (("LoRA", mapping), ("no LoRA", None)):
-                times = kernel_times(lambda: fused_experts(x, ids, weights, w13, w2, token_lora=token_lora, lora=lora))
+                times = kernel_times(
+                    lambda: fused_experts_triton(
+                        x, ids, weights, w13, w2, None, None, token_lora, *lora,
+                        "silu", True, False, 1.702, 7.0, False, config=config,
+                    )  # fmt: skip
+                )
                 total = sum(times.values())
                 print(f"{args.shape} T={num_tokens} rank={rank} {args.scenario} {label}: {total:.1f} us of kernels")
                 for name, us in times.items():
