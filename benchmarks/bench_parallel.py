@@ -57,8 +57,7 @@ def tensor_shard(w13, w2, lora: LoRAWeights, rank: int):
 def expert_shard(w13, w2, lora: LoRAWeights, rank: int):
     share = EXPERTS // WORLD
     span = slice(rank * share, (rank + 1) * share)
-    lora = LoRAWeights(*(t[:, span].contiguous() for t in lora[:4]), *lora[4:])
-    return w13[span].contiguous(), w2[span].contiguous(), lora
+    return w13[span].contiguous(), w2[span].contiguous(), lora.experts(span.start, span.stop)
 
 
 def settled(out: torch.Tensor) -> torch.Tensor:

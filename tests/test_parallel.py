@@ -20,7 +20,7 @@ from test_models import tiny_model
 from test_patch import ADAPTERS, GENERATE, ROWS, batch_ids, make_peft_adapters
 from utils import assert_close_verbose
 
-from torch_moe_lora import LoRAWeights, fused_experts, patch_model
+from torch_moe_lora import fused_experts, patch_model
 from torch_moe_lora.adapters import ExpertsLoRA, StoredTensor, load_adapter_files, read_adapter
 from torch_moe_lora.models import find_moe_blocks
 from torch_moe_lora.parallel import ExpertSharding, fused_experts_expert_parallel
@@ -130,10 +130,20 @@ def local_experts(problem, rank: int):
     cut = lambda t: None if t is None else t[span].contiguous()  # noqa: E731
     lora = problem.lora
     if lora is not None:
-        lora = LoRAWeights(*(t[:, span].contiguous() for t in lora[:4]), *lora[4:])
+        lora = lora.experts(span.start, span.stop)
     return cut(problem.w13), cut(problem.w2), dict(
         problem.options, w13_bias=cut(problem.w13_bias), w2_bias=cut(problem.w2_bias), lora=lora
     )
+
+
+def test_lora_weights_experts_cuts_every_matrix():
+    lora = make_problem(T=2, H=8, I=4, E=6, K=2, L=3, R=2).lora
+    part = lora.experts(2, 5)
+    for whole, cut in zip(lora[:4], part[:4]):
+        assert cut.shape[1] == 3 and cut.is_contiguous() and torch.equal(cut, whole[:, 2:5])
+    assert part.gate_up_scale is lora.gate_up_scale and part.down_scale is lora.down_scale
+    with pytest.raises(ValueError, match="not a range of the 6 experts"):
+        lora.experts(4, 7)
 
 
 def expert_parallel_worker(rank: int, problem, init_file: str, out_dir: str, backend: str = "gloo") -> None:

@@ -41,6 +41,13 @@ class LoRAWeights(NamedTuple):
     def split_gate_up(self) -> bool:
         return self.gate_up_a.shape[2] != self.gate_up_b.shape[3]
 
+    def experts(self, start: int, stop: int) -> "LoRAWeights":
+        """The table of experts ``[start, stop)`` only (contiguous copies; scales shared), e.g. one
+        rank's share under expert parallelism."""
+        if not 0 <= start <= stop <= self.gate_up_a.shape[1]:
+            raise ValueError(f"LoRAWeights.experts: [{start}, {stop}) is not a range of the {self.gate_up_a.shape[1]} experts")
+        return LoRAWeights(*(t[:, start:stop].contiguous() for t in self[:4]), *self[4:])
+
 
 class ExpertLoRASlots:
     """A fixed-size LoRA slot table for one MoE layer, filled and cleared adapter by adapter.

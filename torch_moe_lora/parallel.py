@@ -179,7 +179,8 @@ def fused_experts_expert_parallel(
         w13: ``[E_local, 2I, H]``, w2: ``[E_local, H, I]``: this rank's experts.
         group: the process group the experts are split over.
         token_lora: ``[T]`` int adapter slot per token or None; lora: this rank's experts' slot
-            table (every rank holds the same adapters in the same slots).
+            table (every rank holds the same adapters in the same slots; ``LoRAWeights.experts``
+            cuts a whole table to a rank's span).
         op_kwargs: the remaining ``fused_experts`` arguments (biases of the local experts,
             activation, ...).
 
