@@ -5,8 +5,10 @@ tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA 
 spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. For decode
 buckets it then times the shrink fused into the GEMM kernels against the separate shrink launches
 at rank 16, 64 and 128 and records the largest rank up to which fusing wins (``fuse_shrink_max_rank``,
-0: never); ``--fuse-only`` redoes only that decision for the given buckets, keeping their tiles.
-Buckets merge into the shape's entry of an existing file.
+0: never), and, where there is at most one pair per expert on average, whether skipping the align
+op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64. ``--decisions-only``
+redoes only these two decisions for the given buckets, keeping their tiles. Buckets merge into the
+shape's entry of an existing file.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
 """
@@ -34,8 +36,9 @@ from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
 SHRINK_CHOICES = dict(block_k=(64, 128, 256), num_stages=(2, 3, 4))
-FUSE_MARGIN = 0.02
-"""Fusing the shrink must win by this fraction: smaller wins are within run-to-run noise."""
+WIN_MARGIN = 0.02
+"""A decode variant (fused shrink, pair blocks) must win by this fraction: smaller wins are within
+run-to-run noise."""
 
 
 def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
@@ -95,39 +98,64 @@ def grid(choices: dict) -> list[dict]:
 
 def fused_shrink_max_rank(shape, num_tokens, config, log, ranks=(16, 64, 128)) -> int:
     """The largest of ``ranks`` up to which the shrink fused into the GEMMs beats separate launches
-    by at least ``FUSE_MARGIN``."""
+    by at least ``WIN_MARGIN``."""
     best = 0
     for rank in ranks:
         run = make_runner(shape, num_tokens, rank=rank)
         try:
-            # Alternate the two twice and keep each one's best: a single pair of timings is noisy.
-            separate, fused = float("inf"), float("inf")
-            for _ in range(2):
-                separate = min(separate, run({**config, "fuse_shrink_max_rank": 0}))
-                fused = min(fused, run({**config, "fuse_shrink_max_rank": rank}))
+            separate, fused = alternate(run, {**config, "fuse_shrink_max_rank": 0}, {**config, "fuse_shrink_max_rank": rank})
         except (OutOfResources, CompilationError) as error:
             log(f"    rank {rank}: fused shrink skipped: {type(error).__name__}")
             break
         finally:
             del run
         log(f"    rank {rank}: shrink fused {fused:.4f} ms, separate {separate:.4f} ms")
-        if fused >= separate * (1 - FUSE_MARGIN):
+        if fused >= separate * (1 - WIN_MARGIN):
             break
         best = rank
     return best
 
 
-def tune_shape(shape, tokens, log, fuse_only=False):
-    """Tuned buckets of one shape. ``fuse_only`` keeps each bucket's tiles from the current config
-    and only decides ``fuse_shrink_max_rank`` again (decode buckets)."""
+def alternate(run, a: dict, b: dict) -> tuple[float, float]:
+    """Best of two timings each of configs ``a`` and ``b``, run alternately (one pair is noisy)."""
+    ms_a, ms_b = float("inf"), float("inf")
+    for _ in range(2):
+        ms_a, ms_b = min(ms_a, run(a)), min(ms_b, run(b))
+    return ms_a, ms_b
+
+
+def pair_blocks_wins(shape, num_tokens, config, log, ranks=(16, 64)) -> bool:
+    """Whether skipping the align op (``pair_blocks``) beats the sorted order by ``WIN_MARGIN`` at every rank."""
+    for rank in ranks:
+        run = make_runner(shape, num_tokens, rank=rank)
+        sorted_ms, pairs_ms = alternate(run, {**config, "pair_blocks": False}, {**config, "pair_blocks": True})
+        del run
+        log(f"    rank {rank}: pair blocks {pairs_ms:.4f} ms, sorted {sorted_ms:.4f} ms")
+        if pairs_ms >= sorted_ms * (1 - WIN_MARGIN):
+            return False
+    return True
+
+
+def decode_decisions(shape, num_tokens, config, log) -> dict:
+    """``config`` with ``fuse_shrink_max_rank`` and (at most one pair per expert) ``pair_blocks`` decided."""
+    hidden, inter, num_experts, top_k = shape
+    config = {key: value for key, value in config.items() if key not in ("fuse_shrink_max_rank", "pair_blocks")}
+    config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
+    if num_tokens * top_k <= num_experts:
+        config["pair_blocks"] = pair_blocks_wins(shape, num_tokens, config, log)
+    return config
+
+
+def tune_shape(shape, tokens, log, decisions_only=False):
+    """Tuned buckets of one shape. ``decisions_only`` keeps each bucket's tiles from the current
+    config and only takes the decode decisions again."""
     hidden, inter, num_experts, top_k = shape
     buckets = {}
     for num_tokens in tokens:
-        if fuse_only:
-            config = copy.deepcopy(get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens))
+        if decisions_only:
+            config = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens)
             log(f"  T={num_tokens}:")
-            config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
-            buckets[str(num_tokens)] = config
+            buckets[str(num_tokens)] = decode_decisions(shape, num_tokens, copy.deepcopy(config), log)
             continue
         run = make_runner(shape, num_tokens)
         config = copy.deepcopy(get_config(None, num_experts, hidden, inter, top_k, num_tokens))
@@ -142,7 +170,7 @@ def tune_shape(shape, tokens, log, fuse_only=False):
         config["_ms"] = round(ms, 5)
         del run
         if num_tokens * top_k <= 4 * num_experts:
-            config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
+            config = decode_decisions(shape, num_tokens, config, log)
         buckets[str(num_tokens)] = config
         torch.cuda.empty_cache()
     return buckets
@@ -153,7 +181,9 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
-    parser.add_argument("--fuse-only", action="store_true", help="keep the tiles, decide only fuse_shrink_max_rank")
+    parser.add_argument(
+        "--decisions-only", action="store_true", help="keep the tiles, decide only fuse_shrink_max_rank and pair_blocks"
+    )
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     path = args.out / device_file_name(device)
@@ -163,7 +193,7 @@ def main():
         shape = SHAPES[name]
         print(f"{name} {shape}", flush=True)
         buckets = tuned.setdefault(shape_key(shape[2], shape[0], shape[1], shape[3]), {})
-        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.fuse_only))
+        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only))
         tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuned, indent=1))

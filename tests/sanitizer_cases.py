@@ -1,5 +1,5 @@
-"""Launches every CUDA align path and fused_experts calls (shrink separate and fused), for
-compute-sanitizer (GPU only).
+"""Launches every CUDA align path and fused_experts calls (shrink separate and fused, sorted and
+pair blocks), for compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -46,17 +46,24 @@ def check_align() -> None:
 
 
 def check_fused_experts() -> None:
-    """The op with its launch config, then the Triton path with the shrink fused into the GEMMs."""
+    """The op with its launch config, then the Triton path with the shrink fused into the GEMMs and
+    with pair blocks (no align op; shrink separate and fused)."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
-        out = fused_experts(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
-        config = {**launch_config(p.x, p.topk_ids, p.w2), "fuse_shrink_max_rank": 512}
-        fused = fused_experts_triton(
-            p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, p.w13_bias, p.w2_bias, p.token_lora, *p.lora,
-            "silu", True, False, 1.702, 7.0, False, config=config,
-        )  # fmt: skip
-        for what, result in (("launch config", out), ("fused shrink", fused)):
+        results = {"launch config": fused_experts(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())}
+        config = launch_config(p.x, p.topk_ids, p.w2)
+        variants = {
+            "fused shrink": {"fuse_shrink_max_rank": 512},
+            "pair blocks": {"pair_blocks": True, "fuse_shrink_max_rank": 0},
+            "pair blocks, fused shrink": {"pair_blocks": True, "fuse_shrink_max_rank": 512},
+        }
+        for what, changes in variants.items():
+            results[what] = fused_experts_triton(
+                p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, p.w13_bias, p.w2_bias, p.token_lora, *p.lora,
+                "silu", True, False, 1.702, 7.0, False, config={**config, **changes},
+            )  # fmt: skip
+        for what, result in results.items():
             rel = ((result.double() - ref).norm() / ref.norm()).item()
             assert rel < 5e-3, (what, rel)
             print(f"fused_experts ok: T={T}, {what}, relative error {rel:.2e}")

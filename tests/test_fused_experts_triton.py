@@ -43,6 +43,9 @@ CONFIGS = {
     # The shrink fused into the GEMM kernels (any rank up to 512), with one and with many slots per block.
     "fused_shrink": {**small_config(), "fuse_shrink_max_rank": 512},
     "fused_shrink_wide": {**small_config(block_m=64, block_n=32, block_k=32, group_m=1), "fuse_shrink_max_rank": 512},
+    # No align op: every (token, k) pair a block of its own, shrink separate and fused.
+    "pair_blocks": {**small_config(block_m=64), "pair_blocks": True},
+    "pair_blocks_fused": {**small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512},
 }
 
 

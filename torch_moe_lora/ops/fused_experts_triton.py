@@ -24,6 +24,10 @@ where launches dominate), kernels 1 and 3 are not launched: each GEMM program co
 ``s`` in registers after its K loop (``shrink_in_registers``, reading A from L2 once per column
 tile) and expands from there, so a call is four launches instead of six.
 
+With ``"pair_blocks": true`` in the launch config (for decode buckets, where an expert rarely gets
+two pairs) the align op is not launched: block ``b`` is pair ``b`` alone and its expert is read
+from ``topk_ids``; an expert read by two pairs is then read twice.
+
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
 can capture the launch.
 """
@@ -37,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .lora_triton import (
+    block_expert,
     block_rows,
     block_slots,
     expand_from_registers,
@@ -84,7 +89,7 @@ def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.const
 def _gate_up_kernel(
     x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_a_ptr, gu_scale_ptr, gu_b_ptr, h_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
-    num_pairs, top_k, hidden, inter, rank, max_blocks, alpha, limit,
+    num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks, alpha, limit,
     stride_x_m, stride_x_k,
     stride_w_e, stride_w_n, stride_w_k,
     stride_b13_e, stride_b13_n,
@@ -95,7 +100,8 @@ def _gate_up_kernel(
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
@@ -106,10 +112,12 @@ def _gate_up_kernel(
     """
     wait_for_previous_kernel(USE_PDL)
     block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
-    if block >= tl.load(num_blocks_ptr):
+    expert = block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
+    if expert < 0:
         return
-    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-    pos, pair, valid, token, slot = block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
+    pos, pair, valid, token, slot = block_rows(
+        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
+    )
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inter
     if INTERLEAVED:
@@ -194,7 +202,7 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr, w2_ptr, b2_ptr, s2_ptr, d_a_ptr, d_scale_ptr, d_b_ptr, y_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
-    num_pairs, top_k, hidden, inter, rank, max_blocks,
+    num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
     stride_h_m, stride_h_k,
     stride_w_e, stride_w_n, stride_w_k,
     stride_b2_e, stride_b2_n,
@@ -204,7 +212,7 @@ def _down_kernel(
     stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns.
 
@@ -213,10 +221,12 @@ def _down_kernel(
     waited for them before it let this one launch.
     """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
-    if block >= tl.load(num_blocks_ptr):
+    expert = block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
+    if expert < 0:
         return
-    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-    pos, pair, valid, token, slot = block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA)
+    pos, pair, valid, token, slot = block_rows(
+        block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
+    )
     wait_for_previous_kernel(USE_PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
@@ -322,8 +332,9 @@ def fused_experts_triton(
     ``moe_lora::fused_experts`` (already validated).
 
     ``config`` holds ``block_m``, ``sub_m`` and per-kernel tile sizes (see
-    ``torch_moe_lora/configs``); ``out`` is an optional ``[T, H]`` output buffer. All buffers are
-    sized from static bounds; nothing here reads device data on the host.
+    ``torch_moe_lora/configs``); with ``"pair_blocks": true`` the align op is not launched and
+    every pair is a block of its own. ``out`` is an optional ``[T, H]`` output buffer. All buffers
+    are sized from static bounds; nothing here reads device data on the host.
     """
     from .align import align_block_size
 
@@ -339,14 +350,23 @@ def fused_experts_triton(
     token_lora = token_lora.contiguous() if token_lora is not None else None
     has_lora = gate_up_a is not None and token_lora is not None
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
-    block_m, sub_m = config["block_m"], config.get("sub_m", 16)
-    if block_m % sub_m != 0:
-        raise ValueError(f"launch config: block_m {block_m} must be a multiple of sub_m {sub_m}")
-    sorted_pair_ids, expert_of_block, _, num_blocks = align_block_size(
-        topk_ids, token_lora if has_lora else None, num_experts, num_slots, block_m, pad_per_adapter=False
-    )
-    max_blocks = expert_of_block.shape[0]
-    num_rows = sorted_pair_ids.shape[0]
+    pair_blocks = config.get("pair_blocks", False)
+    if pair_blocks:
+        # No align launch: block b is pair b alone (16-row tiles, one row used). Decode-sized calls,
+        # where an expert rarely has two pairs; the kernels read the expert from topk_ids.
+        block_m = sub_m = 16
+        sorted_pair_ids = num_blocks = topk_ids.new_empty(1)
+        expert_of_block = topk_ids.view(-1)
+        max_blocks = num_pairs
+    else:
+        block_m, sub_m = config["block_m"], config.get("sub_m", 16)
+        if block_m % sub_m != 0:
+            raise ValueError(f"launch config: block_m {block_m} must be a multiple of sub_m {sub_m}")
+        sorted_pair_ids, expert_of_block, _, num_blocks = align_block_size(
+            topk_ids, token_lora if has_lora else None, num_experts, num_slots, block_m, pad_per_adapter=False
+        )
+        max_blocks = expert_of_block.shape[0]
+    num_rows = max_blocks * block_m
     h = x.new_empty(num_rows, inter)
     y = x.new_empty(num_pairs, hidden)
     dummy = x.new_empty(1)
@@ -357,7 +377,10 @@ def fused_experts_triton(
     if has_lora:
         rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
         block_r = _rank_block(max(gate_up_a.shape[2], down_rank))
-        shrink = (sorted_pair_ids, expert_of_block, num_blocks, token_lora, num_pairs, top_k, num_slots, block_m, sub_m)
+        shrink = (
+            sorted_pair_ids, expert_of_block, num_blocks, token_lora,
+            num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks,
+        )  # fmt: skip
         s1 = s2 = x.new_empty(1, 1)
         if not fuse:
             s1 = x.new_empty(num_rows, gate_up_a.shape[2])
@@ -373,26 +396,26 @@ def fused_experts_triton(
     cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
         x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, *rows,
-        num_pairs, top_k, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
+        num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
         *x.stride(), *w13.stride(), *(w13_bias.stride() if w13_bias is not None else (0, 0)),
         *s1.stride(), *gate_up_a.stride(), *gate_up_b.stride(), *h.stride(),
         GATED=gated, INTERLEAVED=interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg, pdl),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, **_launch_options(cfg, pdl),
     )  # fmt: skip
     if has_lora and not fuse:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"], pdl)
     cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
         h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, *rows,
-        num_pairs, top_k, hidden, inter, down_rank, max_blocks,
+        num_pairs, top_k, num_experts, hidden, inter, down_rank, max_blocks,
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *s2.stride(), *down_a.stride(), *down_b.stride(), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        FUSE_SHRINK=fuse, BLOCK_R=block_r, **_launch_options(cfg, pdl),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, **_launch_options(cfg, pdl),
     )  # fmt: skip
     cfg = config["sum"]
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
@@ -429,17 +452,17 @@ def _rank_block(rank: int) -> int:
 
 def _shrink(
     inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
-    num_pairs, top_k, num_slots, block_m, sub_m, by_token, cfg, pdl,
+    num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks, by_token, cfg, pdl,
 ):  # fmt: skip
     rank_total, in_features = a.shape[2], a.shape[3]
     block_r = min(cfg["max_block_r"], _rank_block(rank_total))
     cfg = fit_shared_memory({**cfg, "block_n": block_r}, sub_m, 1, inp.element_size(), _shared_memory_limit(inp.device))
-    slots_per_sub = min(sub_m, num_slots)
+    slots_per_sub = 1 if pair_blocks else min(sub_m, num_slots)
     grid = (expert_of_block.shape[0] * (block_m // sub_m), slots_per_sub, triton.cdiv(rank_total, block_r))
     lora_shrink_kernel[grid](
         inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
-        num_pairs, top_k, in_features, rank_total,
+        num_pairs, top_k, num_experts, in_features, rank_total,
         *inp.stride(), *a.stride(), *out.stride(),
         INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
-        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, **_launch_options(cfg, pdl),
+        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, PAIR_BLOCKS=pair_blocks, **_launch_options(cfg, pdl),
     )  # fmt: skip

@@ -16,10 +16,33 @@ NO_SLOT = tl.constexpr(2**30)
 
 
 @triton.jit
-def block_rows(block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr):
-    """Rows of one block: sorted positions, pair ids, validity, tokens and adapter slots (-1: none)."""
+def block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS: tl.constexpr):
+    """The expert of a block, int64, or -1 if the block has no work.
+
+    Sorted order: ``expert_of_block[block]`` for blocks below ``num_blocks``. ``PAIR_BLOCKS`` (no
+    align op; block ``b`` is pair ``b`` alone): ``expert_of_block_ptr`` is the flat ``topk_ids``,
+    and a pair routed outside ``[0, num_experts)`` has no work.
+    """
+    if PAIR_BLOCKS:
+        expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+        return tl.where((expert >= 0) & (expert < num_experts), expert, -1)
+    return tl.load(expert_of_block_ptr + block, mask=block < tl.load(num_blocks_ptr), other=-1).to(tl.int64)
+
+
+@triton.jit
+def block_rows(
+    block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k,
+    BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+):  # fmt: skip
+    """Rows of one block: sorted positions, pair ids, validity, tokens and adapter slots (-1: none).
+
+    With ``PAIR_BLOCKS`` row 0 of block ``b`` is pair ``b`` and the other rows are padding.
+    """
     pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ids_ptr + pos)
+    if PAIR_BLOCKS:
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs)
+    else:
+        pair = tl.load(sorted_pair_ids_ptr + pos)
     valid = pair < num_pairs
     token = tl.where(valid, pair // top_k, 0)
     if HAS_LORA:
@@ -64,13 +87,13 @@ def block_slots(slot):
 def lora_shrink_kernel(
     inp_ptr, a_ptr, scale_ptr, out_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr,
-    num_pairs, top_k, in_features, rank,
+    num_pairs, top_k, num_experts, in_features, rank,
     stride_in_m, stride_in_k,
     stride_a_l, stride_a_e, stride_a_r, stride_a_k,
     stride_out_m, stride_out_r,
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for one slot of one sub-block.
 
@@ -80,15 +103,17 @@ def lora_shrink_kernel(
     """
     wait_for_previous_kernel(USE_PDL)
     sub = tl.program_id(0)
-    if sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
+    expert = block_expert(sub // SUBBLOCKS, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
+    if expert < 0:
         return
-    pos, pair, valid, token, slot = block_rows(sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True)
+    pos, pair, valid, token, slot = block_rows(
+        sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True, PAIR_BLOCKS
+    )
     current = first_slot(slot)
     for _ in range(0, tl.program_id(1)):
         current = next_slot(slot, current)
     if current >= NO_SLOT:
         return
-    expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
     row = token if INPUT_BY_TOKEN else pos
     in_slot = slot == current
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
