@@ -352,12 +352,13 @@ def fused_experts_triton(
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
     pair_blocks = config.get("pair_blocks", False)
     if pair_blocks:
-        # No align launch: block b is pair b alone (16-row tiles, one row used). Decode-sized calls,
-        # where an expert rarely has two pairs; the kernels read the expert from topk_ids.
+        # No align launch: block b is pair b alone (16-row tiles, one row used), and row b of h and
+        # s. Decode-sized calls, where an expert rarely has two pairs; the kernels read the expert
+        # from topk_ids.
         block_m = sub_m = 16
         sorted_pair_ids = num_blocks = topk_ids.new_empty(1)
         expert_of_block = topk_ids.view(-1)
-        max_blocks = num_pairs
+        max_blocks = num_rows = num_pairs
     else:
         block_m, sub_m = config["block_m"], config.get("sub_m", 16)
         if block_m % sub_m != 0:
@@ -366,7 +367,7 @@ def fused_experts_triton(
             topk_ids, token_lora if has_lora else None, num_experts, num_slots, block_m, pad_per_adapter=False
         )
         max_blocks = expert_of_block.shape[0]
-    num_rows = max_blocks * block_m
+        num_rows = sorted_pair_ids.shape[0]
     h = x.new_empty(num_rows, inter)
     y = x.new_empty(num_pairs, hidden)
     dummy = x.new_empty(1)

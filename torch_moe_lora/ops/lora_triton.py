@@ -34,14 +34,17 @@ def block_rows(
     block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k,
     BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """Rows of one block: sorted positions, pair ids, validity, tokens and adapter slots (-1: none).
+    """Rows of one block: positions (rows of ``h`` and ``s``), pair ids, validity, tokens and adapter
+    slots (-1: none).
 
-    With ``PAIR_BLOCKS`` row 0 of block ``b`` is pair ``b`` and the other rows are padding.
+    With ``PAIR_BLOCKS`` row 0 of block ``b`` is pair ``b`` at position ``b`` and the other rows are
+    padding (every access to them is masked), so ``h`` and ``s`` need one row per pair.
     """
-    pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
     if PAIR_BLOCKS:
+        pos = block + tl.arange(0, BLOCK_M) * 0
         pair = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs)
     else:
+        pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
         pair = tl.load(sorted_pair_ids_ptr + pos)
     valid = pair < num_pairs
     token = tl.where(valid, pair // top_k, 0)
