@@ -41,12 +41,12 @@ import triton
 import triton.language as tl
 
 from .lora_triton import (
-    block_expert,
     block_rows,
     block_slots,
     expand_from_registers,
     lora_shrink_kernel,
     lora_steps,
+    pair_expert,
     shrink_in_registers,
     wait_for_previous_kernel,
 )
@@ -112,9 +112,14 @@ def _gate_up_kernel(
     """
     wait_for_previous_kernel(USE_PDL)
     block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
-    expert = block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
-    if expert < 0:
-        return
+    if PAIR_BLOCKS:
+        expert = pair_expert(block, expert_of_block_ptr, num_experts)
+        if expert < 0:
+            return
+    else:
+        if block >= tl.load(num_blocks_ptr):
+            return
+        expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
     pos, pair, valid, token, slot = block_rows(
         block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
     )
@@ -221,9 +226,14 @@ def _down_kernel(
     waited for them before it let this one launch.
     """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
-    expert = block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
-    if expert < 0:
-        return
+    if PAIR_BLOCKS:
+        expert = pair_expert(block, expert_of_block_ptr, num_experts)
+        if expert < 0:
+            return
+    else:
+        if block >= tl.load(num_blocks_ptr):
+            return
+        expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
     pos, pair, valid, token, slot = block_rows(
         block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
     )

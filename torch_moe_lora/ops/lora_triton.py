@@ -16,17 +16,14 @@ NO_SLOT = tl.constexpr(2**30)
 
 
 @triton.jit
-def block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS: tl.constexpr):
-    """The expert of a block, int64, or -1 if the block has no work.
+def pair_expert(pair, topk_ids_ptr, num_experts):
+    """The expert of a pair as int64, or -1 if it is routed outside ``[0, num_experts)`` (no work).
 
-    Sorted order: ``expert_of_block[block]`` for blocks below ``num_blocks``. ``PAIR_BLOCKS`` (no
-    align op; block ``b`` is pair ``b`` alone): ``expert_of_block_ptr`` is the flat ``topk_ids``,
-    and a pair routed outside ``[0, num_experts)`` has no work.
+    With ``PAIR_BLOCKS`` (no align op; block ``b`` is pair ``b`` alone) the kernels get the flat
+    ``topk_ids`` in place of ``expert_of_block``.
     """
-    if PAIR_BLOCKS:
-        expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
-        return tl.where((expert >= 0) & (expert < num_experts), expert, -1)
-    return tl.load(expert_of_block_ptr + block, mask=block < tl.load(num_blocks_ptr), other=-1).to(tl.int64)
+    expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    return tl.where((expert >= 0) & (expert < num_experts), expert, -1)
 
 
 @triton.jit
@@ -106,8 +103,11 @@ def lora_shrink_kernel(
     """
     wait_for_previous_kernel(USE_PDL)
     sub = tl.program_id(0)
-    expert = block_expert(sub // SUBBLOCKS, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
-    if expert < 0:
+    if PAIR_BLOCKS:
+        expert = pair_expert(sub, expert_of_block_ptr, num_experts)
+        if expert < 0:
+            return
+    elif sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
         return
     pos, pair, valid, token, slot = block_rows(
         sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True, PAIR_BLOCKS
@@ -117,6 +117,8 @@ def lora_shrink_kernel(
         current = next_slot(slot, current)
     if current >= NO_SLOT:
         return
+    if not PAIR_BLOCKS:
+        expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
     row = token if INPUT_BY_TOKEN else pos
     in_slot = slot == current
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
