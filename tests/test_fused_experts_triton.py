@@ -104,16 +104,23 @@ def test_transposed_weights_read_in_place():
     assert_close_verbose(out, reference(problem), problem.x.dtype, "transposed weights")
 
 
-def test_strided_routing_and_mapping():
-    """topk_ids, topk_weights and token_lora as strided views (e.g. columns of a larger routing tensor)."""
+def test_strided_routing_mapping_scales_and_output():
+    """topk_ids, topk_weights, token_lora and the LoRA scales as strided views (e.g. columns of a
+    larger routing tensor), written into a transposed output buffer."""
     problem = make_problem(T=6, H=32, I=16, E=4, K=2, L=3, R=4).to(DEVICE)
     expected = reference(problem)
-    problem.topk_ids = torch.stack([problem.topk_ids, -torch.ones_like(problem.topk_ids)], -1)[..., 0]
+    every_other = lambda t: torch.stack([t, -torch.ones_like(t)], -1)[..., 0]  # noqa: E731
+    problem.topk_ids = every_other(problem.topk_ids)
     problem.topk_weights = problem.topk_weights.t().contiguous().t()
-    problem.token_lora = torch.stack([problem.token_lora, problem.token_lora], -1)[:, 1]
-    assert not (problem.topk_ids.is_contiguous() or problem.topk_weights.is_contiguous() or problem.token_lora.is_contiguous())
-    out = run_triton(problem, CONFIGS["small"])
-    assert_close_verbose(out, expected, problem.x.dtype, "strided routing")
+    problem.token_lora = every_other(problem.token_lora)
+    problem.lora = problem.lora._replace(
+        gate_up_scale=every_other(problem.lora.gate_up_scale), down_scale=every_other(problem.lora.down_scale)
+    )
+    strided = (problem.topk_ids, problem.topk_weights, problem.token_lora, *problem.lora[4:])
+    assert not any(t.is_contiguous() for t in strided)
+    out = torch.full_like(problem.x.t(), float("nan")).t()
+    run_triton(problem, CONFIGS["small"], out=out)
+    assert_close_verbose(out, expected, problem.x.dtype, "strided routing, scales and output")
 
 
 # ---------------------------------------------------------------------------------------------

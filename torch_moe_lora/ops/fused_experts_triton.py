@@ -286,7 +286,7 @@ def _down_kernel(
 @triton.jit
 def _sum_topk_kernel(
     y_ptr, topk_ids_ptr, out_ptr, num_experts, hidden, top_k,
-    stride_y_m, stride_out_m,
+    stride_y_m, stride_out_m, stride_out_n,
     BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``out[t, n] = sum_k y[t * K + k, n]`` over the k whose expert is in ``[0, num_experts)``."""
@@ -299,7 +299,7 @@ def _sum_topk_kernel(
         expert = tl.load(topk_ids_ptr + token * top_k + k)
         if (expert >= 0) & (expert < num_experts):
             acc += tl.load(y_ptr + (token * top_k + k) * stride_y_m + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * stride_out_m + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(out_ptr + token * stride_out_m + offs_n * stride_out_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _launch_options(cfg: dict, pdl: bool) -> dict:
@@ -355,9 +355,11 @@ def fused_experts_triton(
     out = torch.empty_like(x) if out is None else out
     if num_tokens == 0:
         return out
-    # The kernels index these by pair and token: give them unit strides (no copy when they have them).
+    # The kernels index these by pair, token and slot: give them unit strides (no copy when they have them).
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
-    token_lora = token_lora.contiguous() if token_lora is not None else None
+    token_lora, gate_up_scale, down_scale = (
+        None if t is None else t.contiguous() for t in (token_lora, gate_up_scale, down_scale)
+    )
     has_lora = gate_up_a is not None and token_lora is not None
     num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
     pair_blocks = config.get("pair_blocks", False)
@@ -430,7 +432,7 @@ def fused_experts_triton(
     )  # fmt: skip
     cfg = config["sum"]
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
-        y, topk_ids, out, num_experts, hidden, top_k, y.stride(0), out.stride(0),
+        y, topk_ids, out, num_experts, hidden, top_k, y.stride(0), *out.stride(),
         BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out
