@@ -6,8 +6,9 @@ spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fa
 buckets it then times the shrink fused into the GEMM kernels against the separate shrink launches
 at rank 16, 64 and 128 and records the largest rank up to which fusing wins (``fuse_shrink_max_rank``,
 0: never), and, where there is at most one pair per expert on average, whether skipping the align
-op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64. ``--decisions-only``
-redoes only these two decisions for the given buckets, keeping their tiles. Buckets merge into the
+op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64, and then whether the
+top-k sum inside the down kernel (``fuse_sum``) does. ``--decisions-only`` redoes only these
+decisions for the given buckets, keeping their tiles. Buckets merge into the
 shape's entry of an existing file.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
@@ -124,25 +125,30 @@ def alternate(run, a: dict, b: dict) -> tuple[float, float]:
     return ms_a, ms_b
 
 
-def pair_blocks_wins(shape, num_tokens, config, log, ranks=(16, 64)) -> bool:
-    """Whether skipping the align op (``pair_blocks``) beats the sorted order by ``WIN_MARGIN`` at every rank."""
+def switch_wins(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
+    """Whether ``config`` with ``key`` on beats it with ``key`` off by ``WIN_MARGIN`` at every rank."""
     for rank in ranks:
         run = make_runner(shape, num_tokens, rank=rank)
-        sorted_ms, pairs_ms = alternate(run, {**config, "pair_blocks": False}, {**config, "pair_blocks": True})
+        off_ms, on_ms = alternate(run, {**config, key: False}, {**config, key: True})
         del run
-        log(f"    rank {rank}: pair blocks {pairs_ms:.4f} ms, sorted {sorted_ms:.4f} ms")
-        if pairs_ms >= sorted_ms * (1 - WIN_MARGIN):
+        log(f"    rank {rank}: {key} {on_ms:.4f} ms, without {off_ms:.4f} ms")
+        if on_ms >= off_ms * (1 - WIN_MARGIN):
             return False
     return True
 
 
+DECISIONS = ("fuse_shrink_max_rank", "pair_blocks", "fuse_sum")
+
+
 def decode_decisions(shape, num_tokens, config, log) -> dict:
-    """``config`` with ``fuse_shrink_max_rank`` and (at most one pair per expert) ``pair_blocks`` decided."""
+    """``config`` with ``fuse_shrink_max_rank``, (at most one pair per expert) ``pair_blocks`` and
+    ``fuse_sum`` decided, in this order."""
     hidden, inter, num_experts, top_k = shape
-    config = {key: value for key, value in config.items() if key not in ("fuse_shrink_max_rank", "pair_blocks")}
+    config = {key: value for key, value in config.items() if key not in DECISIONS}
     config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
     if num_tokens * top_k <= num_experts:
-        config["pair_blocks"] = pair_blocks_wins(shape, num_tokens, config, log)
+        config["pair_blocks"] = switch_wins(shape, num_tokens, config, "pair_blocks", log)
+    config["fuse_sum"] = switch_wins(shape, num_tokens, config, "fuse_sum", log)
     return config
 
 
@@ -182,7 +188,7 @@ def main():
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
     parser.add_argument(
-        "--decisions-only", action="store_true", help="keep the tiles, decide only fuse_shrink_max_rank and pair_blocks"
+        "--decisions-only", action="store_true", help="keep the tiles, take only the decode decisions again (fused shrink, pair blocks, fused sum)"
     )
     args = parser.parse_args()
     device = torch.cuda.get_device_name()

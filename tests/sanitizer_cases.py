@@ -1,5 +1,5 @@
 """Launches every CUDA align path and fused_experts calls (shrink separate and fused, sorted and
-pair blocks), for compute-sanitizer (GPU only).
+pair blocks, top-k sum separate and in the down kernel), for compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -47,7 +47,8 @@ def check_align() -> None:
 
 def check_fused_experts() -> None:
     """The op with its launch config, then the Triton path with the shrink fused into the GEMMs and
-    with pair blocks (no align op; shrink separate and fused)."""
+    with pair blocks (no align op; shrink separate and fused), and with the top-k sum in the down
+kernel."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
@@ -57,6 +58,8 @@ def check_fused_experts() -> None:
             "fused shrink": {"fuse_shrink_max_rank": 512},
             "pair blocks": {"pair_blocks": True, "fuse_shrink_max_rank": 0},
             "pair blocks, fused shrink": {"pair_blocks": True, "fuse_shrink_max_rank": 512},
+            "sum in down": {"fuse_sum": True, "fuse_shrink_max_rank": 0},
+            "pair blocks, fused shrink, sum in down": {"pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True},
         }
         for what, changes in variants.items():
             results[what] = fused_experts_triton(

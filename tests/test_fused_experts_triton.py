@@ -46,6 +46,11 @@ CONFIGS = {
     # No align op: every (token, k) pair a block of its own, shrink separate and fused.
     "pair_blocks": {**small_config(block_m=64), "pair_blocks": True},
     "pair_blocks_fused": {**small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512},
+    # The top-k sum in the down kernel: sorted blocks of several tokens, and the decode launch pair.
+    "fused_sum": {**small_config(block_m=32, block_n=32, block_k=32, group_m=1), "fuse_sum": True},
+    "pair_blocks_fused_sum": {
+        **small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True,
+    },
 }
 
 
@@ -118,9 +123,24 @@ def test_strided_routing_mapping_scales_and_output():
     )
     strided = (problem.topk_ids, problem.topk_weights, problem.token_lora, *problem.lora[4:])
     assert not any(t.is_contiguous() for t in strided)
-    out = torch.full_like(problem.x.t(), float("nan")).t()
-    run_triton(problem, CONFIGS["small"], out=out)
-    assert_close_verbose(out, expected, problem.x.dtype, "strided routing, scales and output")
+    for name in ("small", "pair_blocks_fused_sum"):
+        out = torch.full_like(problem.x.t(), float("nan")).t()
+        run_triton(problem, CONFIGS[name], out=out)
+        assert_close_verbose(out, expected, problem.x.dtype, f"strided routing, scales and output, config {name}")
+
+
+@pytest.mark.parametrize("config", ["small", "fused_sum", "pair_blocks_fused_sum"])
+def test_tokens_without_local_pair_are_zero(config):
+    """Tokens whose every expert is outside this rank's range (expert parallelism) get zeros, also
+    when the top-k sum runs in the down kernel, where no program counts them."""
+    problem = make_problem(T=7, H=40, I=16, E=4, K=2, L=2, R=4).to(DEVICE)
+    problem.topk_ids[1] = 4
+    problem.topk_ids[4] = -1
+    problem.topk_ids[5, 0] = 7
+    out = torch.full_like(problem.x, float("nan"))
+    run_triton(problem, CONFIGS[config], out=out)
+    assert out[[1, 4]].eq(0).all()
+    assert_close_verbose(out, reference(problem), problem.x.dtype, f"tokens without a local pair, config {config}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ building blocks are in ``lora_triton.py``):
 2. ``_gate_up_kernel``:           ``h[pos] = act(w13[e] x + b13 + gate_up_b[slot, e] s1)``
 3. ``lora_shrink_kernel`` on h:  ``s2[pos] = scale * h[pos] @ down_a[slot, e]^T``
 4. ``_down_kernel``:              ``y[pair] = w * (w2[e] h + b2 + down_b[slot, e] s2)``
-5. ``_sum_topk_kernel``:          ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
+5. ``sum_topk_kernel``:           ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
 
 The LoRA expand runs in each GEMM after its K loop, into the same accumulator: for every slot
 present in the block, ``cdiv(rank, BLOCK_K)`` steps whose A operand is that slot's rows of ``s``
@@ -26,7 +26,14 @@ tile) and expands from there, so a call is four launches instead of six.
 
 With ``"pair_blocks": true`` in the launch config (for decode buckets, where an expert rarely gets
 two pairs) the align op is not launched: block ``b`` is pair ``b`` alone and its expert is read
-from ``topk_ids``; an expert read by two pairs is then read twice.
+from ``topk_ids``; an expert read by two pairs is then read twice. With ``"fuse_sum": true`` kernel 5
+is not launched: the down kernel does the top-k sum (``topk_sum_triton.py``). At T=1 both together
+leave two launches.
+
+On sm_90+ the kernels use programmatic dependent launch: each launches while the previous one
+drains and waits for its writes (``griddepcontrol.wait``) only before reading them; after a
+separate shrink kernel the GEMMs run their base K loop before that wait (``"overlap_shrink": false``
+turns that off, ``"pdl": false`` all of it).
 
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
 can capture the launch.
@@ -50,6 +57,7 @@ from .lora_triton import (
     shrink_in_registers,
     wait_for_previous_kernel,
 )
+from .topk_sum_triton import reset_topk_sum, sum_topk_kernel, sum_topk_when_last
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
 @triton.jit
@@ -87,7 +95,7 @@ def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.const
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_a_ptr, gu_scale_ptr, gu_b_ptr, h_ptr,
+    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_a_ptr, gu_scale_ptr, gu_b_ptr, h_ptr, counters_ptr, out_ptr, topk_ids_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks, alpha, limit,
     stride_x_m, stride_x_k,
@@ -96,21 +104,33 @@ def _gate_up_kernel(
     stride_s_m, stride_s_r,
     stride_ga_l, stride_ga_e, stride_ga_r, stride_ga_k,
     stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
-    stride_h_m, stride_h_n,
+    stride_h_m, stride_h_n, stride_out_m, stride_out_n,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FUSE_SUM: tl.constexpr, DOWN_BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, LATE_WAIT: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
     Gate and up accumulate separately: gate row of column ``n`` is ``n`` (``2n`` interleaved), up
     row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),). With
     ``FUSE_SHRINK`` the program computes its rows' ``s1`` from ``gate_up_a`` itself (``s1_ptr`` is
-    unused).
+    unused). With ``FUSE_SUM`` the programs reset the down kernel's top-k sum (``reset_topk_sum``,
+``DOWN_BLOCK_N`` columns per counter).
+
+    With ``LATE_WAIT`` (programmatic dependent launch after the separate shrink kernel) the base K
+    loop runs before waiting for the previous kernel, overlapping the shrink: the shrink waited for
+    everything this program reads before ``s1`` (and what it resets is this call's own)
+    before it let this kernel launch.
     """
-    wait_for_previous_kernel(USE_PDL)
+    if not LATE_WAIT:
+        wait_for_previous_kernel(USE_PDL)
+    if FUSE_SUM:
+        reset_topk_sum(
+            counters_ptr, out_ptr, topk_ids_ptr, num_pairs // top_k, tl.cdiv(hidden, DOWN_BLOCK_N), num_experts, top_k,
+            hidden, stride_out_m, stride_out_n, DOWN_BLOCK_N,
+        )  # fmt: skip
     block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
     if PAIR_BLOCKS:
         expert = pair_expert(block, expert_of_block_ptr, num_experts)
@@ -154,6 +174,8 @@ def _gate_up_kernel(
             )
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
+        if LATE_WAIT:
+            wait_for_previous_kernel(USE_PDL)
         first_slot, num_slots = block_slots(slot)
         if SPLIT_GATE_UP:
             up_col0 = rank
@@ -205,7 +227,7 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_a_ptr, d_scale_ptr, d_b_ptr, y_ptr,
+    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_a_ptr, d_scale_ptr, d_b_ptr, y_ptr, out_ptr, counters_ptr, topk_ids_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
     stride_h_m, stride_h_k,
@@ -214,16 +236,19 @@ def _down_kernel(
     stride_s_m, stride_s_r,
     stride_da_l, stride_da_e, stride_da_r, stride_da_k,
     stride_db_l, stride_db_e, stride_db_n, stride_db_r,
-    stride_y_m, stride_y_n,
+    stride_y_m, stride_y_n, stride_out_m, stride_out_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr, FUSE_SUM: tl.constexpr,
+    USE_PDL: tl.constexpr, LATE_WAIT: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns.
 
-    With ``FUSE_SHRINK`` the program computes its rows' ``s2`` from ``down_a`` itself. With
-    ``USE_PDL`` the align op's outputs are read before waiting for the previous kernel: that kernel
-    waited for them before it let this one launch.
+    With ``FUSE_SHRINK`` the program computes its rows' ``s2`` from ``down_a`` itself; with
+    ``FUSE_SUM`` it also does the top-k sum into ``out`` (``sum_topk_when_last``). With ``USE_PDL``
+    the align op's outputs are read before waiting for the previous kernel: that kernel waited for
+    them before it let this one launch. With ``LATE_WAIT`` (after the separate shrink kernel) the
+    base K loop over ``h`` runs before the wait too, overlapping the shrink.
     """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
     if PAIR_BLOCKS:
@@ -237,7 +262,8 @@ def _down_kernel(
     pos, pair, valid, token, slot = block_rows(
         block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
     )
-    wait_for_previous_kernel(USE_PDL)
+    if not LATE_WAIT:
+        wait_for_previous_kernel(USE_PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
@@ -255,6 +281,8 @@ def _down_kernel(
         )
         acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA:
+        if LATE_WAIT:
+            wait_for_previous_kernel(USE_PDL)
         first_slot, num_slots = block_slots(slot)
         if FUSE_SHRINK:
             s = shrink_in_registers(
@@ -281,25 +309,11 @@ def _down_kernel(
         acc.to(y_ptr.dtype.element_ty),
         mask=valid[:, None] & n_mask[None, :],
     )
-
-
-@triton.jit
-def _sum_topk_kernel(
-    y_ptr, topk_ids_ptr, out_ptr, num_experts, hidden, top_k,
-    stride_y_m, stride_out_m, stride_out_n,
-    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """``out[t, n] = sum_k y[t * K + k, n]`` over the k whose expert is in ``[0, num_experts)``."""
-    wait_for_previous_kernel(USE_PDL)
-    token = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < hidden
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in range(0, top_k):
-        expert = tl.load(topk_ids_ptr + token * top_k + k)
-        if (expert >= 0) & (expert < num_experts):
-            acc += tl.load(y_ptr + (token * top_k + k) * stride_y_m + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * stride_out_m + offs_n * stride_out_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    if FUSE_SUM:
+        sum_topk_when_last(
+            y_ptr, out_ptr, counters_ptr, topk_ids_ptr, token, valid, offs_n, n_mask, pid_n, tl.cdiv(hidden, BLOCK_N),
+            num_experts, top_k, stride_y_m, stride_y_n, stride_out_m, stride_out_n, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
 
 def _launch_options(cfg: dict, pdl: bool) -> dict:
@@ -406,35 +420,46 @@ def fused_experts_triton(
         gate_up_a = gate_up_b = down_a = down_b = x.new_empty(1, 1, 1, 1)
         gate_up_scale = down_scale = dummy
     smem = _shared_memory_limit(x.device)
-    cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
+    gate_up_cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
+    down_cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
+    fuse_sum = config.get("fuse_sum", False)
+    # One counter per (token, down column tile) for the top-k sum in the down kernel, zeroed by gate_up.
+    num_counters = num_tokens * triton.cdiv(hidden, down_cfg["block_n"]) if fuse_sum else 1
+    counters = torch.empty(num_counters, dtype=torch.int32, device=x.device)
+    late_wait = pdl and has_lora and not fuse and config.get("overlap_shrink", True)
+    cfg = gate_up_cfg
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
-        x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, *rows,
-        num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks, float(swiglu_alpha), float(swiglu_limit),
+        x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, counters, out,
+        topk_ids, *rows, num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
+        float(swiglu_alpha), float(swiglu_limit),
         *x.stride(), *w13.stride(), *(w13_bias.stride() if w13_bias is not None else (0, 0)),
-        *s1.stride(), *gate_up_a.stride(), *gate_up_b.stride(), *h.stride(),
+        *s1.stride(), *gate_up_a.stride(), *gate_up_b.stride(), *h.stride(), *out.stride(),
         GATED=gated, INTERLEAVED=interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input,
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, **_launch_options(cfg, pdl),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, FUSE_SUM=fuse_sum, LATE_WAIT=late_wait,
+        DOWN_BLOCK_N=down_cfg["block_n"], **_launch_options(cfg, pdl),
     )  # fmt: skip
     if has_lora and not fuse:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"], pdl)
-    cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
+    cfg = down_cfg
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
-        h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, *rows,
-        num_pairs, top_k, num_experts, hidden, inter, down_rank, max_blocks,
+        h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, out, counters, topk_ids,
+        *rows, num_pairs, top_k, num_experts, hidden, inter, down_rank, max_blocks,
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
-        *s2.stride(), *down_a.stride(), *down_b.stride(), *y.stride(),
+        *s2.stride(), *down_a.stride(), *down_b.stride(), *y.stride(), *out.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, **_launch_options(cfg, pdl),
+        FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, FUSE_SUM=fuse_sum, LATE_WAIT=late_wait,
+        **_launch_options(cfg, pdl),
     )  # fmt: skip
-    cfg = config["sum"]
-    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
-        y, topk_ids, out, num_experts, hidden, top_k, y.stride(0), *out.stride(),
-        BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], USE_PDL=pdl, launch_pdl=pdl,
-    )  # fmt: skip
+    if not fuse_sum:
+        cfg = config["sum"]
+        sum_topk_kernel[(num_tokens, triton.cdiv(hidden, cfg["block_n"]))](
+            y, topk_ids, out, num_experts, hidden, top_k, y.stride(0), *out.stride(),
+            BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], USE_PDL=pdl, launch_pdl=pdl,
+        )  # fmt: skip
     return out
 
 
