@@ -3,11 +3,11 @@
 For every model shape and token bucket it searches, one part at a time (block_m, then the gate_up
 tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA (rank 16, tokens
 spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. For decode
-buckets it then times the shrink fused into the GEMM kernels against the separate shrink launches
-at rank 16, 64 and 128 and records the largest rank up to which fusing wins (``fuse_shrink_max_rank``,
-0: never), and, where there is at most one pair per expert on average, whether skipping the align
-op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64, and then whether the
-top-k sum inside the down kernel (``fuse_sum``) does. ``--decisions-only`` redoes only these
+buckets it then decides, where there is at most one pair per expert on average, whether skipping
+the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64; times the
+shrink fused into the GEMM kernels against the separate shrink launches at rank 16, 64 and 128 and
+records the largest rank up to which fusing wins (``fuse_shrink_max_rank``, 0: never); and decides
+whether the top-k sum inside the down kernel (``fuse_sum``) wins. ``--decisions-only`` redoes only these
 decisions for the given buckets, keeping their tiles. Buckets merge into the
 shape's entry of an existing file.
 
@@ -141,13 +141,13 @@ DECISIONS = ("fuse_shrink_max_rank", "pair_blocks", "fuse_sum")
 
 
 def decode_decisions(shape, num_tokens, config, log) -> dict:
-    """``config`` with ``fuse_shrink_max_rank``, (at most one pair per expert) ``pair_blocks`` and
-    ``fuse_sum`` decided, in this order."""
+    """``config`` with (at most one pair per expert) ``pair_blocks``, ``fuse_shrink_max_rank`` and
+    ``fuse_sum`` decided, in this order: the fused shrink's worth depends on the block order."""
     hidden, inter, num_experts, top_k = shape
     config = {key: value for key, value in config.items() if key not in DECISIONS}
-    config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
     if num_tokens * top_k <= num_experts:
         config["pair_blocks"] = switch_wins(shape, num_tokens, config, "pair_blocks", log)
+    config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
     config["fuse_sum"] = switch_wins(shape, num_tokens, config, "fuse_sum", log)
     return config
 
