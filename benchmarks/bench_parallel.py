@@ -69,7 +69,7 @@ def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def run(rank: int, init_file: str, out_file: str) -> None:
+def run(rank: int, init_file: str, out_file: str, tokens: list[int]) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     group = dist.group.WORLD
@@ -82,7 +82,7 @@ def run(rank: int, init_file: str, out_file: str) -> None:
     ep = expert_shard(w13, w2, lora, rank)
     sharding = ExpertSharding("expert", group, rank, WORLD)
     rows = []
-    for num_tokens in TOKENS:
+    for num_tokens in tokens:
         inputs = []
         for _ in range(INPUT_SETS):
             x = torch.randn(num_tokens, HIDDEN, dtype=dtype, device="cuda")
@@ -155,6 +155,7 @@ def format_rows(rows: list[dict], device: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     args = parser.parse_args()
     if torch.cuda.device_count() < WORLD:
         raise SystemExit(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
@@ -164,7 +165,7 @@ def main():
     init_file, json_file = out_dir / "parallel_init", out_dir / "parallel.json"
     if init_file.exists():
         os.remove(init_file)
-    mp.spawn(run, args=(str(init_file), str(json_file)), nprocs=WORLD, join=True)
+    mp.spawn(run, args=(str(init_file), str(json_file), args.tokens), nprocs=WORLD, join=True)
     if init_file.exists():
         os.remove(init_file)
     rows = json.loads(json_file.read_text())

@@ -155,7 +155,7 @@ def expert_parallel_worker(rank: int, problem, init_file: str, out_dir: str, bac
         mine = slice(rank * tokens, (rank + 1) * tokens)
         w13, w2, kwargs = local_experts(problem, rank)
         args = (problem.x[mine], problem.topk_ids[mine], problem.topk_weights[mine], w13, w2)
-        kwargs.update(group=dist.group.WORLD, token_lora=problem.token_lora[mine])
+        kwargs.update(group=dist.group.WORLD, token_lora=None if problem.token_lora is None else problem.token_lora[mine])
         out = fused_experts_expert_parallel(*args, **kwargs)
         compile_backend = "aot_eager" if backend == "gloo" else "inductor"
         compiled = torch.compile(fused_experts_expert_parallel, backend=compile_backend, fullgraph=True)
@@ -179,9 +179,20 @@ def check_expert_parallel(problem, tmp_path, backend: str) -> None:
         assert_close_verbose(compiled, mine, problem.x.dtype, f"{backend} expert parallel compiled rank {rank}")
 
 
-def test_expert_parallel_data_parallel_tokens(tmp_path):
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(T=12, H=16, I=8, E=4, K=2, L=3, R=4, bias=True, out_of_range_ids=True, seed=3),
+        # 2-byte rows of an odd width (the packed gather pads them), int32 routing, no adapters.
+        dict(T=6, H=15, I=8, E=4, K=3, L=0, R=4, dtype=torch.float16, seed=4),
+    ],
+    ids=["float32_lora", "float16_odd_hidden_no_lora"],
+)
+def test_expert_parallel_data_parallel_tokens(case, tmp_path):
     """Data-parallel tokens, experts split: each rank's outputs equal the unsplit op on its tokens."""
-    problem = make_problem(T=12, H=16, I=8, E=4, K=2, L=3, R=4, bias=True, out_of_range_ids=True, seed=3)
+    problem = make_problem(**case)
+    if case["L"] == 0:
+        problem.topk_ids = problem.topk_ids.to(torch.int32)
     check_expert_parallel(problem, tmp_path, "gloo")
 
 
