@@ -7,7 +7,8 @@ buckets it then decides, where there is at most one pair per expert on average, 
 the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64; times the
 shrink fused into the GEMM kernels against the separate shrink launches at rank 16, 64 and 128 and
 records the largest rank up to which fusing wins (``fuse_shrink_max_rank``, 0: never); and decides
-whether the top-k sum inside the down kernel (``fuse_sum``) wins. ``--decisions-only`` redoes only these
+whether the top-k sum inside the down kernel (``fuse_sum``) wins. Every bucket also decides the
+shrink's ``slot_programs`` (``shrink_slot_programs``). ``--decisions-only`` redoes only these
 decisions for the given buckets, keeping their tiles. Buckets merge into the
 shape's entry of an existing file.
 
@@ -140,6 +141,29 @@ def switch_wins(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
 DECISIONS = ("fuse_shrink_max_rank", "pair_blocks", "fuse_sum")
 
 
+def shrink_slot_programs(shape, num_tokens, config, log, choices=(4, 1)) -> dict:
+    """``config`` with the shrink's ``slot_programs`` (programs per sub-block; by default one per
+    slot a sub-block can hold) set to the fewest of ``choices`` that beats the default by
+    ``WIN_MARGIN`` with 16 adapters at rank 64, where sub-blocks hold several slots, without losing
+    more than ``WIN_MARGIN`` with 4 adapters at rank 16."""
+    config = copy.deepcopy(config)
+    config["shrink"].pop("slot_programs", None)
+    many = make_runner(shape, num_tokens, rank=64, adapters=16)
+    few = make_runner(shape, num_tokens, rank=16, adapters=4)
+    for programs in choices:
+        changed = copy.deepcopy(config)
+        changed["shrink"]["slot_programs"] = programs
+        default_ms, changed_ms = alternate(many, config, changed)
+        log(f"    16 adapters, rank 64: slot_programs {programs} {changed_ms:.4f} ms, default {default_ms:.4f} ms")
+        if changed_ms >= default_ms * (1 - WIN_MARGIN):
+            continue
+        default_ms, changed_ms = alternate(few, config, changed)
+        log(f"    4 adapters, rank 16: slot_programs {programs} {changed_ms:.4f} ms, default {default_ms:.4f} ms")
+        if changed_ms <= default_ms * (1 + WIN_MARGIN):
+            config = changed
+    return config
+
+
 def decode_decisions(shape, num_tokens, config, log) -> dict:
     """``config`` with (at most one pair per expert) ``pair_blocks``, ``fuse_shrink_max_rank`` and
     ``fuse_sum`` decided, in this order: the fused shrink's worth depends on the block order."""
@@ -154,14 +178,17 @@ def decode_decisions(shape, num_tokens, config, log) -> dict:
 
 def tune_shape(shape, tokens, log, decisions_only=False):
     """Tuned buckets of one shape. ``decisions_only`` keeps each bucket's tiles from the current
-    config and only takes the decode decisions again."""
+    config and only takes the decisions again."""
     hidden, inter, num_experts, top_k = shape
     buckets = {}
     for num_tokens in tokens:
         if decisions_only:
             config = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens)
             log(f"  T={num_tokens}:")
-            buckets[str(num_tokens)] = decode_decisions(shape, num_tokens, copy.deepcopy(config), log)
+            config = shrink_slot_programs(shape, num_tokens, config, log)
+            if num_tokens * top_k <= 4 * num_experts:
+                config = decode_decisions(shape, num_tokens, config, log)
+            buckets[str(num_tokens)] = config
             continue
         run = make_runner(shape, num_tokens)
         config = copy.deepcopy(get_config(None, num_experts, hidden, inter, top_k, num_tokens))
@@ -175,6 +202,7 @@ def tune_shape(shape, tokens, log, decisions_only=False):
         config, ms = best_of(run, config, "shrink", grid(SHRINK_CHOICES), log)
         config["_ms"] = round(ms, 5)
         del run
+        config = shrink_slot_programs(shape, num_tokens, config, log)
         if num_tokens * top_k <= 4 * num_experts:
             config = decode_decisions(shape, num_tokens, config, log)
         buckets[str(num_tokens)] = config
@@ -188,7 +216,7 @@ def main():
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
     parser.add_argument(
-        "--decisions-only", action="store_true", help="keep the tiles, take only the decode decisions again (fused shrink, pair blocks, fused sum)"
+        "--decisions-only", action="store_true", help="keep the tiles, take only the decisions again (slot_programs; fused shrink, pair blocks, fused sum at decode)"
     )
     args = parser.parse_args()
     device = torch.cuda.get_device_name()

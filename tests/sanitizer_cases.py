@@ -1,5 +1,6 @@
 """Launches every CUDA align path and fused_experts calls (shrink separate and fused, sorted and
-pair blocks, top-k sum separate and in the down kernel), for compute-sanitizer (GPU only).
+pair blocks, top-k sum separate and in the down kernel, one shrink program per slot or per
+sub-block), for compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -59,6 +60,7 @@ kernel."""
             "pair blocks": {"pair_blocks": True, "fuse_shrink_max_rank": 0},
             "pair blocks, fused shrink": {"pair_blocks": True, "fuse_shrink_max_rank": 512},
             "sum in down": {"fuse_sum": True, "fuse_shrink_max_rank": 0},
+            "one shrink program per sub-block": {"fuse_shrink_max_rank": 0, "shrink": {**config["shrink"], "slot_programs": 1}},
             "pair blocks, fused shrink, sum in down": {"pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True},
         }
         for what, changes in variants.items():

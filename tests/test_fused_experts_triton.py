@@ -46,6 +46,9 @@ CONFIGS = {
     # No align op: every (token, k) pair a block of its own, shrink separate and fused.
     "pair_blocks": {**small_config(block_m=64), "pair_blocks": True},
     "pair_blocks_fused": {**small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512},
+    # One shrink program per sub-block, taking all its slots in turn.
+    "one_shrink_program": {**small_config(block_m=32, sub_m=16), "shrink": dict(
+        max_block_r=16, block_k=16, num_warps=4, num_stages=2, slot_programs=1)},
     # The top-k sum in the down kernel: sorted blocks of several tokens, and the decode launch pair.
     "fused_sum": {**small_config(block_m=32, block_n=32, block_k=32, group_m=1), "fuse_sum": True},
     "pair_blocks_fused_sum": {

@@ -495,12 +495,17 @@ def _shrink(
     rank_total, in_features = a.shape[2], a.shape[3]
     block_r = min(cfg["max_block_r"], _rank_block(rank_total))
     cfg = fit_shared_memory({**cfg, "block_n": block_r}, sub_m, 1, inp.element_size(), _shared_memory_limit(inp.device))
-    slots_per_sub = 1 if pair_blocks else min(sub_m, num_slots)
+    # Programs per sub-block: by default one per slot a sub-block can hold. With fewer
+    # (``slot_programs``), each takes every slot_programs-th slot present: fewer programs that exit
+    # at once, less parallel work.
+    most_slots = 1 if pair_blocks else min(sub_m, num_slots)
+    slots_per_sub = min(most_slots, cfg.get("slot_programs", most_slots))
     grid = (expert_of_block.shape[0] * (block_m // sub_m), slots_per_sub, triton.cdiv(rank_total, block_r))
     lora_shrink_kernel[grid](
         inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
         num_pairs, top_k, num_experts, in_features, rank_total,
         *inp.stride(), *a.stride(), *out.stride(),
         INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
-        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, PAIR_BLOCKS=pair_blocks, **_launch_options(cfg, pdl),
+        BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, PAIR_BLOCKS=pair_blocks, LOOP_SLOTS=slots_per_sub < most_slots,
+        **_launch_options(cfg, pdl),
     )  # fmt: skip

@@ -93,13 +93,15 @@ def lora_shrink_kernel(
     stride_out_m, stride_out_r,
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, LOOP_SLOTS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for one slot of one sub-block.
+    """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for the slots of one sub-block.
 
-    Grid: (max_blocks * SUBBLOCKS, slots per sub-block at most, cdiv(rank, BLOCK_R)); program
-    ``(sub, j, _)`` takes the ``j``-th slot present in sub-block ``sub`` and exits if there is none.
-    ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
+    Grid: (max_blocks * SUBBLOCKS, G, cdiv(rank, BLOCK_R)); program ``(sub, j, _)`` takes the
+    ``j``-th slot present in sub-block ``sub`` and exits if there is none. ``G`` is the most slots a
+    sub-block can hold, unless ``LOOP_SLOTS``: then the program also takes the ``(j + G)``-th,
+    ``(j + 2G)``-th, ... slots. ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted
+    position (reading h).
     """
     wait_for_previous_kernel(USE_PDL)
     sub = tl.program_id(0)
@@ -120,6 +122,30 @@ def lora_shrink_kernel(
     if not PAIR_BLOCKS:
         expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
     row = token if INPUT_BY_TOKEN else pos
+    if LOOP_SLOTS:
+        while current < NO_SLOT:
+            _shrink_slot(
+                inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
+                stride_in_m, stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k, stride_out_m, stride_out_r,
+                PRECISION, BLOCK_M, BLOCK_R, BLOCK_K,
+            )  # fmt: skip
+            for _ in range(0, tl.num_programs(1)):
+                current = next_slot(slot, current)
+    else:
+        _shrink_slot(
+            inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
+            stride_in_m, stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k, stride_out_m, stride_out_r,
+            PRECISION, BLOCK_M, BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _shrink_slot(
+    inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
+    stride_in_m, stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k, stride_out_m, stride_out_r,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``lora_shrink_kernel``'s work for the rows of slot ``current`` (the others are masked)."""
     in_slot = slot == current
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
