@@ -49,7 +49,7 @@ def check_align() -> None:
 def check_fused_experts() -> None:
     """The op with its launch config, then the Triton path with the shrink fused into the GEMMs and
     with pair blocks (no align op; shrink separate and fused), and with the top-k sum in the down
-kernel."""
+    kernel."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())

@@ -117,7 +117,7 @@ def _gate_up_kernel(
     row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),). With
     ``FUSE_SHRINK`` the program computes its rows' ``s1`` from ``gate_up_a`` itself (``s1_ptr`` is
     unused). With ``FUSE_SUM`` the programs reset the down kernel's top-k sum (``reset_topk_sum``,
-``DOWN_BLOCK_N`` columns per counter).
+    ``DOWN_BLOCK_N`` columns per counter).
 
     With ``LATE_WAIT`` (programmatic dependent launch after the separate shrink kernel) the base K
     loop runs before waiting for the previous kernel, overlapping the shrink: the shrink waited for
