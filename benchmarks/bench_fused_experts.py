@@ -5,7 +5,8 @@ ours with LoRA and without (all tokens on no adapter), the baseline (``torch._gr
 plus a per-adapter LoRA loop, what transformers + PEFT-style code runs today, eager), the roofline
 (touched expert and LoRA weight bytes plus activations over the measured read bandwidth of a kernel
 that streams a buffer well over L2, FLOPs over the measured bf16 matmul rate; the larger of the
-two), our % of roofline, the LoRA overhead and the share of LoRA in the roofline's bytes/FLOPs.
+two), our % of roofline, the LoRA overhead and the share of LoRA in the roofline's bytes/FLOPs;
+then, per shape and token count, the cells that miss the performance targets (``targets.py``).
 
     python benchmarks/bench_fused_experts.py --out benchmarks/results
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import measure_ceilings, random_lora, random_routing, time_eager, time_graph, token_mapping  # noqa: E402
+from targets import summarize  # noqa: E402
 
 from torch_moe_lora import fused_experts  # noqa: E402
 from torch_moe_lora.configs import device_file_name  # noqa: E402
@@ -118,10 +120,13 @@ def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloa
                 )
                 roof = [roofline(shape, i[1], m, rank, w13.element_size(), ceilings) for i, m in zip(inputs, mappings)]
                 roof_ms = 1e3 * sum(r[0] for r in roof) / len(roof)
+                flops = sum(r[2] for r in roof) / len(roof)
                 row = dict(
                     shape=name, H=hidden, I=inter, E=num_experts, K=top_k, T=num_tokens, rank=rank, scenario=scenario,
                     ours_ms=ours_ms, ours_no_lora_ms=base_ms, baseline_ms=baseline_ms, roofline_ms=roof_ms,
                     pct_roofline=100 * roof_ms / ours_ms, lora_overhead=ours_ms / base_ms - 1,
+                    bytes=sum(r[1] for r in roof) / len(roof), flops=flops,
+                    pct_matmul=100 * flops / (ours_ms * 1e-3) / ceilings.matmul_flops_per_s,
                     lora_byte_share=sum(r[3] for r in roof) / len(roof), lora_flop_share=sum(r[4] for r in roof) / len(roof),
                     speedup_vs_baseline=baseline_ms / ours_ms,
                 )  # fmt: skip
@@ -190,20 +195,23 @@ def main():
         flush=True,
     )
     print(HEADER, flush=True)
+    out_dir = args.out / device_file_name(device).removesuffix(".json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "fused_experts_" + "_".join(args.shapes) if args.shapes != list(SHAPES) else "fused_experts"
     rows = []
     for name in args.shapes:
         rows += run_shape(name, SHAPES[name], args.tokens, args.ranks, args.scenarios, ceilings)
         torch.cuda.empty_cache()
-    out_dir = args.out / device_file_name(device).removesuffix(".json")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "fused_experts_" + "_".join(args.shapes) if args.shapes != list(SHAPES) else "fused_experts"
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps(dict(device=device, ceilings=vars(ceilings), rows=rows), indent=1)
-    )
+        # Written after every shape, so that a run cut short keeps what it measured.
+        (out_dir / f"{stem}.json").write_text(
+            json.dumps(dict(device=device, ceilings=vars(ceilings), rows=rows), indent=1)
+        )
     plot(rows, out_dir / f"{stem}.png")
     print(HEADER)
     for r in rows:
         print(format_row(r))
+    print()
+    print(summarize(rows))
 
 
 if __name__ == "__main__":

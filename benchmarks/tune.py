@@ -7,9 +7,11 @@ buckets it then decides, where there is at most one pair per expert on average, 
 the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64; times the
 shrink fused into the GEMM kernels against the separate shrink launches at rank 16, 64 and 128 and
 records the largest rank up to which fusing wins (``fuse_shrink_max_rank``, 0: never); and decides
-whether the top-k sum inside the down kernel (``fuse_sum``) wins. Every bucket also decides the
+whether the top-k sum inside the down kernel (``fuse_sum``) wins. Other buckets decide whether the
+expert weight tiles are read through tensor descriptors (``tma``). Every bucket also decides the
 shrink's sub-block rows and programs per sub-block (``shrink_layout``). ``--decisions-only``
-redoes only these decisions for the given buckets, keeping their tiles. Buckets merge into the
+redoes only these decisions (or those named by ``--decide``) for the given buckets, keeping their
+tiles. Buckets merge into the
 shape's entry of an existing file.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
@@ -138,6 +140,22 @@ def switch_wins(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
     return True
 
 
+def faster_in_total(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
+    """Whether ``config`` with ``key`` on takes less time summed over ``ranks`` than with it off.
+
+    For switches that change no result and add no work anywhere (``tma``), where a small win is
+    worth taking and a tie costs nothing.
+    """
+    on_total = off_total = 0.0
+    for rank in ranks:
+        run = make_runner(shape, num_tokens, rank=rank)
+        off_ms, on_ms = alternate(run, {**config, key: False}, {**config, key: True})
+        del run
+        log(f"    rank {rank}: {key} {on_ms:.4f} ms, without {off_ms:.4f} ms")
+        on_total, off_total = on_total + on_ms, off_total + off_ms
+    return on_total < off_total
+
+
 DECISIONS = ("fuse_shrink_max_rank", "pair_blocks", "fuse_sum")
 
 
@@ -186,19 +204,31 @@ def decode_decisions(shape, num_tokens, config, log) -> dict:
     return config
 
 
-def tune_shape(shape, tokens, log, decisions_only=False):
+def decide(shape, num_tokens, config, log, which=("shrink_layout", "decode", "tma")) -> dict:
+    """``config`` with the decisions named in ``which`` taken: ``shrink_layout`` for every bucket,
+    ``decode`` (``decode_decisions``) for decode buckets, ``tma`` (weight tiles through tensor
+    descriptors, ``faster_in_total``) for the others."""
+    hidden, inter, num_experts, top_k = shape
+    decode = num_tokens * top_k <= 4 * num_experts
+    if "shrink_layout" in which:
+        config = shrink_layout(shape, num_tokens, config, log)
+    if decode and "decode" in which:
+        config = decode_decisions(shape, num_tokens, config, log)
+    if not decode and "tma" in which:
+        config = {**config, "tma": faster_in_total(shape, num_tokens, {**config, "tma": False}, "tma", log)}
+    return config
+
+
+def tune_shape(shape, tokens, log, decisions_only=False, which=("shrink_layout", "decode", "tma")):
     """Tuned buckets of one shape. ``decisions_only`` keeps each bucket's tiles from the current
-    config and only takes the decisions again."""
+    config and only takes the decisions named in ``which`` again (see ``decide``)."""
     hidden, inter, num_experts, top_k = shape
     buckets = {}
     for num_tokens in tokens:
         if decisions_only:
             config = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens)
             log(f"  T={num_tokens}:")
-            config = shrink_layout(shape, num_tokens, config, log)
-            if num_tokens * top_k <= 4 * num_experts:
-                config = decode_decisions(shape, num_tokens, config, log)
-            buckets[str(num_tokens)] = config
+            buckets[str(num_tokens)] = decide(shape, num_tokens, config, log, which)
             continue
         run = make_runner(shape, num_tokens)
         config = copy.deepcopy(get_config(None, num_experts, hidden, inter, top_k, num_tokens))
@@ -212,10 +242,7 @@ def tune_shape(shape, tokens, log, decisions_only=False):
         config, ms = best_of(run, config, "shrink", grid(SHRINK_CHOICES), log)
         config["_ms"] = round(ms, 5)
         del run
-        config = shrink_layout(shape, num_tokens, config, log)
-        if num_tokens * top_k <= 4 * num_experts:
-            config = decode_decisions(shape, num_tokens, config, log)
-        buckets[str(num_tokens)] = config
+        buckets[str(num_tokens)] = decide(shape, num_tokens, config, log)
         torch.cuda.empty_cache()
     return buckets
 
@@ -226,7 +253,11 @@ def main():
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
     parser.add_argument(
-        "--decisions-only", action="store_true", help="keep the tiles, take only the decisions again (shrink layout; fused shrink, pair blocks, fused sum at decode)"
+        "--decisions-only", action="store_true", help="keep the tiles, take only the decisions again (shrink layout; fused shrink, pair blocks, fused sum at decode; tma otherwise)"
+    )
+    parser.add_argument(
+        "--decide", nargs="+", default=["shrink_layout", "decode", "tma"], choices=["shrink_layout", "decode", "tma"],
+        help="with --decisions-only: which decisions to take again",
     )
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -237,7 +268,7 @@ def main():
         shape = SHAPES[name]
         print(f"{name} {shape}", flush=True)
         buckets = tuned.setdefault(shape_key(shape[2], shape[0], shape[1], shape[3]), {})
-        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only))
+        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only, args.decide))
         tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuned, indent=1))

@@ -1,6 +1,6 @@
 """Launches every CUDA align path and fused_experts calls (shrink separate and fused, sorted and
 pair blocks, top-k sum separate and in the down kernel, one shrink program per slot or per
-sub-block), for compute-sanitizer (GPU only).
+sub-block, weight tiles through pointers or tensor descriptors), for compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -48,8 +48,8 @@ def check_align() -> None:
 
 def check_fused_experts() -> None:
     """The op with its launch config, then the Triton path with the shrink fused into the GEMMs and
-    with pair blocks (no align op; shrink separate and fused), and with the top-k sum in the down
-    kernel."""
+    with pair blocks (no align op; shrink separate and fused), with the top-k sum in the down
+    kernel, and with the weight tiles read through tensor descriptors."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
@@ -62,6 +62,8 @@ def check_fused_experts() -> None:
             "sum in down": {"fuse_sum": True, "fuse_shrink_max_rank": 0},
             "one shrink program per sub-block": {"fuse_shrink_max_rank": 0, "shrink": {**config["shrink"], "slot_programs": 1}},
             "pair blocks, fused shrink, sum in down": {"pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True},
+            "weights through tensor descriptors": {"tma": True, "fuse_shrink_max_rank": 0},
+            "pair blocks, weights through tensor descriptors": {"pair_blocks": True, "tma": True},
         }
         for what, changes in variants.items():
             results[what] = fused_experts_triton(

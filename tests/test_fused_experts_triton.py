@@ -54,6 +54,11 @@ CONFIGS = {
     "pair_blocks_fused_sum": {
         **small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True,
     },
+    # Expert weight tiles through tensor descriptors (where the layout allows; else the pointer path).
+    "tma": {**small_config(block_m=32), "tma": True},
+    "tma_pair_blocks_fused": {
+        **small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512, "tma": True,
+    },
 }
 
 
@@ -224,6 +229,19 @@ def test_launch_config_is_used_per_bucket():
     assert launch_config(small.x, small.topk_ids, small.w2)["block_m"] <= launch_config(
         large.x, large.topk_ids, large.w2
     )["block_m"]
+
+
+def test_weight_descriptor_only_where_the_copy_engine_can_read():
+    from torch_moe_lora.ops.fused_experts_triton import _weight_descriptor
+
+    tiles = dict(block_n=16, block_k=32)
+    w = torch.randn(3, 24, 40, dtype=torch.float16)
+    desc = _weight_descriptor(w, tiles)
+    assert desc is not None and list(desc.shape) == [72, 40] and list(desc.block_shape) == [16, 32]
+    assert _weight_descriptor(w.transpose(1, 2).contiguous().transpose(1, 2), tiles) is None, "K not contiguous"
+    assert _weight_descriptor(torch.randn(3, 24, 41, dtype=torch.float16)[..., :40], tiles) is None, "rows unaligned"
+    assert _weight_descriptor(w[:, :20], tiles) is None, "experts not stacked row after row"
+    assert _weight_descriptor(w, dict(block_n=512, block_k=32)) is None, "tile past the copy engine's box"
 
 
 def test_fit_shared_memory_shrinks_stages_then_k_tile():

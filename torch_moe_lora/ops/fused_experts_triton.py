@@ -30,6 +30,10 @@ from ``topk_ids``; an expert read by two pairs is then read twice. With ``"fuse_
 is not launched: the down kernel does the top-k sum (``topk_sum_triton.py``). At T=1 both together
 leave two launches.
 
+With ``"tma": true`` (gate block then up block, experts stacked contiguously, rows 16-byte
+aligned; sm_90+) the GEMMs read their expert weight tiles through tensor descriptors (the copy
+engine) instead of computed pointers.
+
 On sm_90+ the kernels use programmatic dependent launch: each launches while the previous one
 drains and waits for its writes (``griddepcontrol.wait``) only before reading them; after a
 separate shrink kernel the GEMMs run their base K loop before that wait (``"overlap_shrink": false``
@@ -46,6 +50,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .lora_triton import (
     block_rows,
@@ -84,6 +89,30 @@ def _activation(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, 
 
 
 @triton.jit
+def _weight_tile(
+    w_ptr, expert, rows, row0, k0, k, row_mask, k_mask, rows_per_expert, stride_w_e, stride_w_n, stride_w_k,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """The ``[BLOCK_K, BLOCK_N]`` tile ``w[expert, rows, k]^T`` (``rows`` is ``row0 + arange``
+    where ``TMA``), zero outside ``row_mask`` and ``k_mask``.
+
+    With ``TMA`` ``w_ptr`` is a tensor descriptor of ``w`` seen as ``[E * rows_per_expert, K]``
+    (tiles ``[BLOCK_N, BLOCK_K]``), loaded by the copy engine. Rows past the expert's last then
+    come from the next expert (or are zero past the tensor): callers mask those columns out of
+    what they store. Columns past ``K`` are zero.
+    """
+    if TMA:
+        tile = w_ptr.load([(expert * rows_per_expert + row0).to(tl.int32), k0]).T
+    else:
+        tile = tl.load(
+            w_ptr + expert * stride_w_e + rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
+            mask=row_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+    return tile
+
+
+@triton.jit
 def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(block, column tile) of this program; ``GROUP_M`` blocks share a column tile for L2 reuse."""
     pid = tl.program_id(0)
@@ -110,6 +139,7 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
     FUSE_SUM: tl.constexpr, DOWN_BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, LATE_WAIT: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
@@ -117,7 +147,8 @@ def _gate_up_kernel(
     row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),). With
     ``FUSE_SHRINK`` the program computes its rows' ``s1`` from ``gate_up_a`` itself (``s1_ptr`` is
     unused). With ``FUSE_SUM`` the programs reset the down kernel's top-k sum (``reset_topk_sum``,
-    ``DOWN_BLOCK_N`` columns per counter).
+    ``DOWN_BLOCK_N`` columns per counter). With ``TMA`` (gate block then up block only) ``w13_ptr``
+    is a tensor descriptor (``_weight_tile``).
 
     With ``LATE_WAIT`` (programmatic dependent launch after the separate shrink kernel) the base K
     loop runs before waiting for the previous kernel, overlapping the shrink: the shrink waited for
@@ -153,25 +184,25 @@ def _gate_up_kernel(
         up_rows = inter + offs_n
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + token[:, None].to(tl.int64) * stride_x_m
-    w_base = w13_ptr + expert * stride_w_e
+    rows_per_expert = inter
+    if GATED:
+        rows_per_expert = 2 * inter
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < hidden
         xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w_gate = tl.load(
-            w_base + gate_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
+        w_gate = _weight_tile(
+            w13_ptr, expert, gate_rows, pid_n * BLOCK_N, k0, k, n_mask, k_mask, rows_per_expert,
+            stride_w_e, stride_w_n, stride_w_k, TMA,
+        )  # fmt: skip
         acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
         if GATED:
-            w_up = tl.load(
-                w_base + up_rows[None, :] * stride_w_n + k[:, None] * stride_w_k,
-                mask=n_mask[None, :] & k_mask[:, None],
-                other=0.0,
-            )
+            w_up = _weight_tile(
+                w13_ptr, expert, up_rows, inter + pid_n * BLOCK_N, k0, k, n_mask, k_mask, rows_per_expert,
+                stride_w_e, stride_w_n, stride_w_k, TMA,
+            )  # fmt: skip
             acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
     if HAS_LORA:
         if LATE_WAIT:
@@ -240,7 +271,7 @@ def _down_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, PAIR_BLOCKS: tl.constexpr, FUSE_SUM: tl.constexpr,
-    USE_PDL: tl.constexpr, LATE_WAIT: tl.constexpr,
+    USE_PDL: tl.constexpr, LATE_WAIT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns.
 
@@ -248,7 +279,8 @@ def _down_kernel(
     ``FUSE_SUM`` it also does the top-k sum into ``out`` (``sum_topk_when_last``). With ``USE_PDL``
     the align op's outputs are read before waiting for the previous kernel: that kernel waited for
     them before it let this one launch. With ``LATE_WAIT`` (after the separate shrink kernel) the
-    base K loop over ``h`` runs before the wait too, overlapping the shrink.
+    base K loop over ``h`` runs before the wait too, overlapping the shrink. With ``TMA``
+    ``w2_ptr`` is a tensor descriptor (``_weight_tile``).
     """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
     if PAIR_BLOCKS:
@@ -268,17 +300,15 @@ def _down_kernel(
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + pos[:, None].to(tl.int64) * stride_h_m
-    w_base = w2_ptr + expert * stride_w_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < inter
         hs = tl.load(h_rows + k[None, :] * stride_h_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(
-            w_base + offs_n[None, :] * stride_w_n + k[:, None] * stride_w_k,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
+        w = _weight_tile(
+            w2_ptr, expert, offs_n, pid_n * BLOCK_N, k0, k, n_mask, k_mask, hidden,
+            stride_w_e, stride_w_n, stride_w_k, TMA,
+        )  # fmt: skip
         acc += tl.dot(hs, w, input_precision=PRECISION)
     if HAS_LORA:
         if LATE_WAIT:
@@ -427,9 +457,13 @@ def fused_experts_triton(
     num_counters = num_tokens * triton.cdiv(hidden, down_cfg["block_n"]) if fuse_sum else 1
     counters = torch.empty(num_counters, dtype=torch.int32, device=x.device)
     late_wait = pdl and has_lora and not fuse and config.get("overlap_shrink", True)
+    tma = config.get("tma", False) and not interleaved and _supports_tma(x.device)
+    w13_tiles = _weight_descriptor(w13, gate_up_cfg) if tma else None
+    w2_tiles = _weight_descriptor(w2, down_cfg) if tma else None
+    tma = w13_tiles is not None and w2_tiles is not None
     cfg = gate_up_cfg
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
-        x, w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, counters, out,
+        x, w13_tiles if tma else w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_a, gate_up_scale, gate_up_b, h, counters, out,
         topk_ids, *rows, num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
         float(swiglu_alpha), float(swiglu_limit),
         *x.stride(), *w13.stride(), *(w13_bias.stride() if w13_bias is not None else (0, 0)),
@@ -439,20 +473,20 @@ def fused_experts_triton(
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, FUSE_SUM=fuse_sum, LATE_WAIT=late_wait,
-        DOWN_BLOCK_N=down_cfg["block_n"], **_launch_options(cfg, pdl),
+        DOWN_BLOCK_N=down_cfg["block_n"], TMA=tma, **_launch_options(cfg, pdl),
     )  # fmt: skip
     if has_lora and not fuse:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"], pdl)
     cfg = down_cfg
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["block_n"]),)](
-        h, w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, out, counters, topk_ids,
+        h, w2_tiles if tma else w2, w2_bias if w2_bias is not None else dummy, s2, down_a, down_scale, down_b, y, out, counters, topk_ids,
         *rows, num_pairs, top_k, num_experts, hidden, inter, down_rank, max_blocks,
         *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *s2.stride(), *down_a.stride(), *down_b.stride(), *y.stride(), *out.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, FUSE_SUM=fuse_sum, LATE_WAIT=late_wait,
-        **_launch_options(cfg, pdl),
+        TMA=tma, **_launch_options(cfg, pdl),
     )  # fmt: skip
     if not fuse_sum:
         cfg = config["sum"]
@@ -476,6 +510,23 @@ def _pdl_per_device(index: int) -> bool:
 def _supports_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (each kernel launches while the previous one finishes): sm_90+."""
     return device.type == "cuda" and _pdl_per_device(device.index)
+
+
+def _supports_tma(device: torch.device) -> bool:
+    """Tensor-descriptor loads: the copy engine on sm_90+; the interpreter runs them on the CPU."""
+    return _supports_pdl(device) or device.type == "cpu"
+
+
+def _weight_descriptor(w: torch.Tensor, cfg: dict) -> TensorDescriptor | None:
+    """``w`` (``[E, N, K]``) as a tensor descriptor of ``[E * N, K]`` with ``[block_n, block_k]``
+    tiles, or None where the copy engine cannot read it so: experts not stacked row after row, ``K``
+    not contiguous, or row stride or base not 16-byte aligned."""
+    num_experts, rows, cols = w.shape
+    stacked = w.stride(2) == 1 and w.stride(0) == rows * w.stride(1)
+    aligned = (w.stride(1) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+    if not (stacked and aligned and num_experts * rows < 2**31 and max(cfg["block_n"], cfg["block_k"]) <= 256):
+        return None
+    return TensorDescriptor(w, [num_experts * rows, cols], [w.stride(1), 1], [cfg["block_n"], cfg["block_k"]])
 
 
 def _shared_memory_limit(device: torch.device) -> int | None:
