@@ -232,7 +232,7 @@ def test_launch_config_is_used_per_bucket():
 
 
 def test_weight_descriptor_only_where_the_copy_engine_can_read():
-    from torch_moe_lora.ops.fused_experts_triton import _weight_descriptor
+    from torch_moe_lora.ops.launch import weight_descriptor as _weight_descriptor
 
     tiles = dict(block_n=16, block_k=32)
     w = torch.randn(3, 24, 40, dtype=torch.float16)
@@ -245,7 +245,7 @@ def test_weight_descriptor_only_where_the_copy_engine_can_read():
 
 
 def test_fit_shared_memory_shrinks_stages_then_k_tile():
-    from torch_moe_lora.ops.fused_experts_triton import fit_shared_memory
+    from torch_moe_lora.ops.launch import fit_shared_memory
 
     cfg = dict(block_n=128, block_k=128, num_stages=4, num_warps=8, group_m=1)
     assert fit_shared_memory(cfg, 64, 2, 2, None) == cfg

@@ -45,13 +45,20 @@ can capture the launch.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .launch import (
+    dot_precision,
+    fit_shared_memory,
+    launch_options,
+    rank_block,
+    shared_memory_limit,
+    supports_pdl,
+    supports_tma,
+    weight_descriptor,
+)
 from .lora_triton import (
     block_rows,
     block_slots,
@@ -346,35 +353,6 @@ def _down_kernel(
         )  # fmt: skip
 
 
-def _launch_options(cfg: dict, pdl: bool) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
-
-
-def fit_shared_memory(cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None) -> dict:
-    """``cfg`` with fewer pipeline stages, then a smaller K tile, until its tiles fit ``limit`` bytes.
-
-    Tuned configs are for 16-bit operands; float32 doubles the bytes of every stage. Each stage
-    holds one ``[block_m, block_k]`` A tile and ``b_tiles`` ``[block_k, block_n]`` B tiles.
-    """
-    if limit is None:
-        return cfg
-    cfg = dict(cfg)
-
-    def need() -> int:
-        return cfg["num_stages"] * cfg["block_k"] * (block_m + b_tiles * cfg["block_n"]) * element_size
-
-    while need() > limit and cfg["num_stages"] > 2:
-        cfg["num_stages"] -= 1
-    while need() > limit and cfg["block_k"] > 16:
-        cfg["block_k"] //= 2
-    return cfg
-
-
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    """float32 operands multiply in full precision (as torch's default matmul does), not tf32."""
-    return "ieee" if dtype == torch.float32 else None
-
-
 def fused_experts_triton(
     x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
     gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
@@ -428,12 +406,12 @@ def fused_experts_triton(
     y = x.new_empty(num_pairs, hidden)
     dummy = x.new_empty(1)
     rows = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
-    precision = _dot_precision(x.dtype)
-    pdl = config.get("pdl", True) and _supports_pdl(x.device)
+    precision = dot_precision(x.dtype)
+    pdl = config.get("pdl", True) and supports_pdl(x.device)
     fuse = has_lora and max(gate_up_a.shape[2], down_a.shape[2]) <= config.get("fuse_shrink_max_rank", 0)
     if has_lora:
         rank, down_rank = gate_up_b.shape[3], down_b.shape[3]
-        block_r = _rank_block(max(gate_up_a.shape[2], down_rank))
+        block_r = rank_block(max(gate_up_a.shape[2], down_rank))
         shrink = (
             sorted_pair_ids, expert_of_block, num_blocks, token_lora,
             num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks,
@@ -449,7 +427,7 @@ def fused_experts_triton(
         s1 = s2 = x.new_empty(1, 1)
         gate_up_a = gate_up_b = down_a = down_b = x.new_empty(1, 1, 1, 1)
         gate_up_scale = down_scale = dummy
-    smem = _shared_memory_limit(x.device)
+    smem = shared_memory_limit(x.device)
     gate_up_cfg = fit_shared_memory(config["gate_up"], block_m, 2 if gated else 1, x.element_size(), smem)
     down_cfg = fit_shared_memory(config["down"], block_m, 1, x.element_size(), smem)
     fuse_sum = config.get("fuse_sum", False)
@@ -457,9 +435,9 @@ def fused_experts_triton(
     num_counters = num_tokens * triton.cdiv(hidden, down_cfg["block_n"]) if fuse_sum else 1
     counters = torch.empty(num_counters, dtype=torch.int32, device=x.device)
     late_wait = pdl and has_lora and not fuse and config.get("overlap_shrink", True)
-    tma = config.get("tma", False) and not interleaved and _supports_tma(x.device)
-    w13_tiles = _weight_descriptor(w13, gate_up_cfg) if tma else None
-    w2_tiles = _weight_descriptor(w2, down_cfg) if tma else None
+    tma = config.get("tma", False) and not interleaved and supports_tma(x.device)
+    w13_tiles = weight_descriptor(w13, gate_up_cfg) if tma else None
+    w2_tiles = weight_descriptor(w2, down_cfg) if tma else None
     tma = w13_tiles is not None and w2_tiles is not None
     cfg = gate_up_cfg
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg["block_n"]),)](
@@ -473,7 +451,7 @@ def fused_experts_triton(
         ACTIVATION=ACTIVATION_CODES[activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, FUSE_SUM=fuse_sum, LATE_WAIT=late_wait,
-        DOWN_BLOCK_N=down_cfg["block_n"], TMA=tma, **_launch_options(cfg, pdl),
+        DOWN_BLOCK_N=down_cfg["block_n"], TMA=tma, **launch_options(cfg, pdl),
     )  # fmt: skip
     if has_lora and not fuse:
         _shrink(h, down_a, down_scale, s2, *shrink, False, config["shrink"], pdl)
@@ -486,7 +464,7 @@ def fused_experts_triton(
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         FUSE_SHRINK=fuse, BLOCK_R=block_r, PAIR_BLOCKS=pair_blocks, FUSE_SUM=fuse_sum, LATE_WAIT=late_wait,
-        TMA=tma, **_launch_options(cfg, pdl),
+        TMA=tma, **launch_options(cfg, pdl),
     )  # fmt: skip
     if not fuse_sum:
         cfg = config["sum"]
@@ -497,55 +475,13 @@ def fused_experts_triton(
     return out
 
 
-@functools.cache
-def _shared_memory_per_device(index: int) -> int:
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-
-
-@functools.cache
-def _pdl_per_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def _supports_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (each kernel launches while the previous one finishes): sm_90+."""
-    return device.type == "cuda" and _pdl_per_device(device.index)
-
-
-def _supports_tma(device: torch.device) -> bool:
-    """Tensor-descriptor loads: the copy engine on sm_90+; the interpreter runs them on the CPU."""
-    return _supports_pdl(device) or device.type == "cpu"
-
-
-def _weight_descriptor(w: torch.Tensor, cfg: dict) -> TensorDescriptor | None:
-    """``w`` (``[E, N, K]``) as a tensor descriptor of ``[E * N, K]`` with ``[block_n, block_k]``
-    tiles, or None where the copy engine cannot read it so: experts not stacked row after row, ``K``
-    not contiguous, or row stride or base not 16-byte aligned."""
-    num_experts, rows, cols = w.shape
-    stacked = w.stride(2) == 1 and w.stride(0) == rows * w.stride(1)
-    aligned = (w.stride(1) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-    if not (stacked and aligned and num_experts * rows < 2**31 and max(cfg["block_n"], cfg["block_k"]) <= 256):
-        return None
-    return TensorDescriptor(w, [num_experts * rows, cols], [w.stride(1), 1], [cfg["block_n"], cfg["block_k"]])
-
-
-def _shared_memory_limit(device: torch.device) -> int | None:
-    """Opt-in shared memory per block of a CUDA device (None elsewhere, e.g. the interpreter)."""
-    return _shared_memory_per_device(device.index) if device.type == "cuda" else None
-
-
-def _rank_block(rank: int) -> int:
-    """A rank tile: a power of two >= 16 (tl.dot's smallest K)."""
-    return max(16, triton.next_power_of_2(max(rank, 1)))
-
-
 def _shrink(
     inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
     num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks, by_token, cfg, pdl,
 ):  # fmt: skip
     rank_total, in_features = a.shape[2], a.shape[3]
-    block_r = min(cfg["max_block_r"], _rank_block(rank_total))
-    cfg = fit_shared_memory({**cfg, "block_n": block_r}, sub_m, 1, inp.element_size(), _shared_memory_limit(inp.device))
+    block_r = min(cfg["max_block_r"], rank_block(rank_total))
+    cfg = fit_shared_memory({**cfg, "block_n": block_r}, sub_m, 1, inp.element_size(), shared_memory_limit(inp.device))
     # Programs per sub-block: by default one per slot a sub-block can hold. With fewer
     # (``slot_programs``), each takes every slot_programs-th slot present: fewer programs that exit
     # at once, less parallel work.
@@ -556,7 +492,7 @@ def _shrink(
         inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
         num_pairs, top_k, num_experts, in_features, rank_total,
         *inp.stride(), *a.stride(), *out.stride(),
-        INPUT_BY_TOKEN=by_token, PRECISION=_dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
+        INPUT_BY_TOKEN=by_token, PRECISION=dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
         BLOCK_K=cfg["block_k"], SUBBLOCKS=block_m // sub_m, PAIR_BLOCKS=pair_blocks, LOOP_SLOTS=slots_per_sub < most_slots,
-        **_launch_options(cfg, pdl),
+        **launch_options(cfg, pdl),
     )  # fmt: skip

@@ -7,7 +7,7 @@ Two ways, chosen by the launch config's ``fuse_sum``:
 - inside the down kernel (``sum_topk_when_last``): every program counts the rows it wrote into
   per-(token, column tile) counters, and the program that writes a token's last row for a column
   tile sums that token's rows. No launch, for decode, where the launch costs more than the sum.
-  The gate_up kernel zeroes the counters (``zero_counters``) so that a call needs no memset.
+  The gate_up kernel zeroes the counters (``reset_topk_sum``) so that a call needs no memset.
 
 Both add a token's rows in increasing ``k`` in float32, so the two give the same bits.
 """
@@ -39,15 +39,6 @@ def sum_topk_kernel(
         if (expert >= 0) & (expert < num_experts):
             acc += tl.load(y_ptr + (token * top_k + k) * stride_y_m + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out_m + offs_n * stride_out_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
-def zero_counters(counters_ptr, num_counters):
-    """Program ``i`` zeroes counters ``[i * ZERO_BLOCK, (i + 1) * ZERO_BLOCK)`` and every grid-size
-    stride after."""
-    for start in range(tl.program_id(0) * ZERO_BLOCK, num_counters, tl.num_programs(0) * ZERO_BLOCK):
-        offs = start + tl.arange(0, ZERO_BLOCK)
-        tl.store(counters_ptr + offs, tl.zeros((ZERO_BLOCK,), tl.int32), mask=offs < num_counters)
 
 
 @triton.jit

@@ -1,0 +1,81 @@
+"""Host-side helpers of the fused experts launchers: device capabilities, shared-memory fitting,
+tensor descriptors of the expert weights, tile and precision choices."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+def launch_options(cfg: dict, pdl: bool) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
+
+
+def fit_shared_memory(cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None) -> dict:
+    """``cfg`` with fewer pipeline stages, then a smaller K tile, until its tiles fit ``limit`` bytes.
+
+    Tuned configs are for 16-bit operands; float32 doubles the bytes of every stage. Each stage
+    holds one ``[block_m, block_k]`` A tile and ``b_tiles`` ``[block_k, block_n]`` B tiles.
+    """
+    if limit is None:
+        return cfg
+    cfg = dict(cfg)
+
+    def need() -> int:
+        return cfg["num_stages"] * cfg["block_k"] * (block_m + b_tiles * cfg["block_n"]) * element_size
+
+    while need() > limit and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need() > limit and cfg["block_k"] > 16:
+        cfg["block_k"] //= 2
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 operands multiply in full precision (as torch's default matmul does), not tf32."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+@functools.cache
+def shared_memory_per_device(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+@functools.cache
+def pdl_per_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (each kernel launches while the previous one finishes): sm_90+."""
+    return device.type == "cuda" and pdl_per_device(device.index)
+
+
+def supports_tma(device: torch.device) -> bool:
+    """Tensor-descriptor loads: the copy engine on sm_90+; the interpreter runs them on the CPU."""
+    return supports_pdl(device) or device.type == "cpu"
+
+
+def weight_descriptor(w: torch.Tensor, cfg: dict) -> TensorDescriptor | None:
+    """``w`` (``[E, N, K]``) as a tensor descriptor of ``[E * N, K]`` with ``[block_n, block_k]``
+    tiles, or None where the copy engine cannot read it so: experts not stacked row after row, ``K``
+    not contiguous, or row stride or base not 16-byte aligned."""
+    num_experts, rows, cols = w.shape
+    stacked = w.stride(2) == 1 and w.stride(0) == rows * w.stride(1)
+    aligned = (w.stride(1) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+    if not (stacked and aligned and num_experts * rows < 2**31 and max(cfg["block_n"], cfg["block_k"]) <= 256):
+        return None
+    return TensorDescriptor(w, [num_experts * rows, cols], [w.stride(1), 1], [cfg["block_n"], cfg["block_k"]])
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (None elsewhere, e.g. the interpreter)."""
+    return shared_memory_per_device(device.index) if device.type == "cuda" else None
+
+
+def rank_block(rank: int) -> int:
+    """A rank tile: a power of two >= 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(max(rank, 1)))
