@@ -32,11 +32,11 @@ def test_each_target_is_checked():
     assert misses(row(1024, 10)) == [], "no % target at T=1024"
 
 
-def test_prefill_uses_the_matmul_rate_and_the_flop_share():
-    assert misses(row(4096, 90, pct_matmul=59.0)) == ["percent"], "the byte roofline does not count at prefill"
-    assert misses(row(4096, 50, pct_matmul=61.0)) == []
-    assert misses(row(4096, 61)) == [], "older rows without pct_matmul use pct_roofline"
-    assert misses(row(4096, 61, pct_matmul=61.0, overhead=0.05, byte_share=0.5, flop_share=0.02)) == ["overhead"]
+def test_prefill_uses_the_roofline_and_the_flop_share():
+    assert misses(row(4096, 59.0)) == ["percent"]
+    assert misses(row(16384, 61.0)) == []
+    assert misses(row(4096, 61, overhead=0.05, byte_share=0.5, flop_share=0.02)) == ["overhead"]
+    assert misses(row(1024, 61, overhead=0.05, byte_share=0.5, flop_share=0.02)) == [], "byte share below T=4096"
 
 
 def test_summary_counts_misses_per_shape_and_tokens():
