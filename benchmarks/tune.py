@@ -267,9 +267,15 @@ def main():
     for name in args.shapes:
         shape = SHAPES[name]
         print(f"{name} {shape}", flush=True)
-        buckets = tuned.setdefault(shape_key(shape[2], shape[0], shape[1], shape[3]), {})
+        key = shape_key(shape[2], shape[0], shape[1], shape[3])
+        if args.decisions_only and key not in tuned:
+            # A shape without tuned tiles takes default.json's, which are chosen by rows per
+            # expert: seed every token bucket with them, so that token counts between the buckets
+            # taken here keep the default's choice.
+            tuned[key] = {str(t): get_config(None, shape[2], shape[0], shape[1], shape[3], t) for t in TOKENS}
+        buckets = tuned.setdefault(key, {})
         buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only, args.decide))
-        tuned[shape_key(shape[2], shape[0], shape[1], shape[3])] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
+        tuned[key] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuned, indent=1))
     print(f"wrote {path}")
