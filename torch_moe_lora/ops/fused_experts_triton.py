@@ -60,12 +60,12 @@ from .launch import (
     weight_descriptor,
 )
 from .lora_triton import (
+    block_expert,
     block_rows,
     block_slots,
     expand_from_registers,
     lora_shrink_kernel,
     lora_steps,
-    pair_expert,
     shrink_in_registers,
     wait_for_previous_kernel,
 )
@@ -170,14 +170,9 @@ def _gate_up_kernel(
             hidden, stride_out_m, stride_out_n, DOWN_BLOCK_N,
         )  # fmt: skip
     block, pid_n = _program_tile(max_blocks, inter, BLOCK_N, GROUP_M)
-    if PAIR_BLOCKS:
-        expert = pair_expert(block, expert_of_block_ptr, num_experts)
-        if expert < 0:
-            return
-    else:
-        if block >= tl.load(num_blocks_ptr):
-            return
-        expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    expert = block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
+    if expert < 0:
+        return
     pos, pair, valid, token, slot = block_rows(
         block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
     )
@@ -290,14 +285,9 @@ def _down_kernel(
     ``w2_ptr`` is a tensor descriptor (``_weight_tile``).
     """
     block, pid_n = _program_tile(max_blocks, hidden, BLOCK_N, GROUP_M)
-    if PAIR_BLOCKS:
-        expert = pair_expert(block, expert_of_block_ptr, num_experts)
-        if expert < 0:
-            return
-    else:
-        if block >= tl.load(num_blocks_ptr):
-            return
-        expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    expert = block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
+    if expert < 0:
+        return
     pos, pair, valid, token, slot = block_rows(
         block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, HAS_LORA, PAIR_BLOCKS
     )

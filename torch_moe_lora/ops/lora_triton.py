@@ -27,6 +27,18 @@ def pair_expert(pair, topk_ids_ptr, num_experts):
 
 
 @triton.jit
+def block_expert(block, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS: tl.constexpr):
+    """The expert of a block as int64, or -1 where the block has no work: past ``num_blocks``
+    (sorted blocks), or a pair routed outside ``[0, num_experts)`` (``PAIR_BLOCKS``, where
+    ``expert_of_block_ptr`` is the flat ``topk_ids``)."""
+    if PAIR_BLOCKS:
+        expert = pair_expert(block, expert_of_block_ptr, num_experts)
+    else:
+        expert = tl.where(block < tl.load(num_blocks_ptr), tl.load(expert_of_block_ptr + block).to(tl.int64), -1)
+    return expert
+
+
+@triton.jit
 def block_rows(
     block, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k,
     BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
@@ -105,11 +117,8 @@ def lora_shrink_kernel(
     """
     wait_for_previous_kernel(USE_PDL)
     sub = tl.program_id(0)
-    if PAIR_BLOCKS:
-        expert = pair_expert(sub, expert_of_block_ptr, num_experts)
-        if expert < 0:
-            return
-    elif sub // SUBBLOCKS >= tl.load(num_blocks_ptr):
+    expert = block_expert(sub // SUBBLOCKS, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
+    if expert < 0:
         return
     pos, pair, valid, token, slot = block_rows(
         sub, sorted_pair_ids_ptr, token_lora_ptr, num_pairs, top_k, BLOCK_M, True, PAIR_BLOCKS
@@ -119,8 +128,6 @@ def lora_shrink_kernel(
         current = next_slot(slot, current)
     if current >= NO_SLOT:
         return
-    if not PAIR_BLOCKS:
-        expert = tl.load(expert_of_block_ptr + sub // SUBBLOCKS).to(tl.int64)
     row = token if INPUT_BY_TOKEN else pos
     if LOOP_SLOTS:
         while current < NO_SLOT:
