@@ -11,8 +11,7 @@ whether the top-k sum inside the down kernel (``fuse_sum``) wins. Other buckets 
 expert weight tiles are read through tensor descriptors (``tma``). Every bucket also decides the
 shrink's sub-block rows and programs per sub-block (``shrink_layout``). ``--decisions-only``
 redoes only these decisions (or those named by ``--decide``) for the given buckets, keeping their
-tiles. Buckets merge into the
-shape's entry of an existing file.
+tiles. Buckets merge into the shape's entry of an existing file.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
 """

@@ -232,16 +232,16 @@ def test_launch_config_is_used_per_bucket():
 
 
 def test_weight_descriptor_only_where_the_copy_engine_can_read():
-    from torch_moe_lora.ops.launch import weight_descriptor as _weight_descriptor
+    from torch_moe_lora.ops.launch import weight_descriptor
 
     tiles = dict(block_n=16, block_k=32)
     w = torch.randn(3, 24, 40, dtype=torch.float16)
-    desc = _weight_descriptor(w, tiles)
+    desc = weight_descriptor(w, tiles)
     assert desc is not None and list(desc.shape) == [72, 40] and list(desc.block_shape) == [16, 32]
-    assert _weight_descriptor(w.transpose(1, 2).contiguous().transpose(1, 2), tiles) is None, "K not contiguous"
-    assert _weight_descriptor(torch.randn(3, 24, 41, dtype=torch.float16)[..., :40], tiles) is None, "rows unaligned"
-    assert _weight_descriptor(w[:, :20], tiles) is None, "experts not stacked row after row"
-    assert _weight_descriptor(w, dict(block_n=512, block_k=32)) is None, "tile past the copy engine's box"
+    assert weight_descriptor(w.transpose(1, 2).contiguous().transpose(1, 2), tiles) is None, "K not contiguous"
+    assert weight_descriptor(torch.randn(3, 24, 41, dtype=torch.float16)[..., :40], tiles) is None, "rows unaligned"
+    assert weight_descriptor(w[:, :20], tiles) is None, "experts not stacked row after row"
+    assert weight_descriptor(w, dict(block_n=512, block_k=32)) is None, "tile past the copy engine's box"
 
 
 def test_fit_shared_memory_shrinks_stages_then_k_tile():
