@@ -127,16 +127,22 @@ def alternate(run, a: dict, b: dict) -> tuple[float, float]:
     return ms_a, ms_b
 
 
-def switch_wins(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
-    """Whether ``config`` with ``key`` on beats it with ``key`` off by ``WIN_MARGIN`` at every rank."""
+def on_off_timings(shape, num_tokens, config, key, log, ranks):
+    """For each of ``ranks`` in turn (a generator: callers may stop early), the times of ``config``
+    with ``key`` off and on, run alternately, logged."""
     for rank in ranks:
         run = make_runner(shape, num_tokens, rank=rank)
         off_ms, on_ms = alternate(run, {**config, key: False}, {**config, key: True})
         del run
         log(f"    rank {rank}: {key} {on_ms:.4f} ms, without {off_ms:.4f} ms")
-        if on_ms >= off_ms * (1 - WIN_MARGIN):
-            return False
-    return True
+        yield off_ms, on_ms
+
+
+def switch_wins(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
+    """Whether ``config`` with ``key`` on beats it with ``key`` off by ``WIN_MARGIN`` at every rank
+    (stops timing at the first rank where it does not)."""
+    timings = on_off_timings(shape, num_tokens, config, key, log, ranks)
+    return all(on_ms < off_ms * (1 - WIN_MARGIN) for off_ms, on_ms in timings)
 
 
 def faster_in_total(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool:
@@ -145,14 +151,8 @@ def faster_in_total(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool
     For switches that change no result and add no work anywhere (``tma``), where a small win is
     worth taking and a tie costs nothing.
     """
-    on_total = off_total = 0.0
-    for rank in ranks:
-        run = make_runner(shape, num_tokens, rank=rank)
-        off_ms, on_ms = alternate(run, {**config, key: False}, {**config, key: True})
-        del run
-        log(f"    rank {rank}: {key} {on_ms:.4f} ms, without {off_ms:.4f} ms")
-        on_total, off_total = on_total + on_ms, off_total + off_ms
-    return on_total < off_total
+    off_ms, on_ms = map(sum, zip(*on_off_timings(shape, num_tokens, config, key, log, ranks)))
+    return on_ms < off_ms
 
 
 DECISIONS = ("fuse_shrink_max_rank", "pair_blocks", "fuse_sum")
@@ -214,7 +214,7 @@ def decide(shape, num_tokens, config, log, which=("shrink_layout", "decode", "tm
     if decode and "decode" in which:
         config = decode_decisions(shape, num_tokens, config, log)
     if not decode and "tma" in which:
-        config = {**config, "tma": faster_in_total(shape, num_tokens, {**config, "tma": False}, "tma", log)}
+        config = {**config, "tma": faster_in_total(shape, num_tokens, config, "tma", log)}
     return config
 
 
