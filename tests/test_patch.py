@@ -312,7 +312,7 @@ def test_patch_refusals():
 def test_multi_lora_linear_matches_a_token_loop():
     seed_all(0)
     linear = nn.Linear(12, 10)
-    row_slots = RowSlots()
+    row_slots = RowSlots(3)
     wrapped = MultiLoRALinear(linear, num_slots=3, max_rank=4, row_slots=row_slots)
     loras = {slot: (torch.randn(rank, 12), torch.randn(10, rank), 0.5 * slot + 0.25) for slot, rank in ((0, 4), (2, 1))}
     for slot, (a, b, scale) in loras.items():

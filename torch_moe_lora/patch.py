@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -84,6 +85,13 @@ def _check_rank(adapter: AdapterLoRA, max_rank: int, joined: bool = False) -> No
 class MoELoRAModel:
     """Handle of a patched model: loads, unloads and maps adapters while the model runs.
 
+    Threads: the mapping is the model's, one at a time. An ``adapters()`` block holds the handle's
+    lock from entry to exit, so blocks of different threads take turns (a thread entering one
+    waits until the block of another exits) and each block's forward passes run with its own
+    mapping; ``set_adapters``, ``load_adapter`` and ``unload_adapter`` wait for it too, and an eager
+    forward of the model holds it while it runs. Compiled code cannot take a lock: call a compiled
+    model from several threads only inside ``adapters()`` blocks.
+
     Attributes:
         model: the patched model (call it, or its ``generate``, as usual).
         max_loras: ``L``, adapter slots per layer.
@@ -102,9 +110,12 @@ class MoELoRAModel:
         self.model, self.blocks, self.max_loras, self.max_rank = model, blocks, max_loras, max_rank
         self.sharding = sharding
         self.device = blocks[0].spec.w13(blocks[0].experts).device
-        self.row_slots = RowSlots()
+        self.row_slots = RowSlots(max_loras)
         self._slot_of: dict[str, int] = {}
         self._row_names: list[str | None] | None = None
+        self._lock = threading.RLock()
+        # The mappings that enclosing adapters() blocks restore on exit (innermost last).
+        self._saved_mappings: list[list[str | None] | None] = []
         self._linears: dict[str, tuple[nn.Linear, MultiLoRALinear]] = {}
         self._tables: dict[str, ExpertLoRASlots] = {}
         self._previous_implementation: dict[int, tuple[object, str | None]] = {}
@@ -116,7 +127,11 @@ class MoELoRAModel:
                 dtype=w13.dtype, device=w13.device,
             )  # fmt: skip
         self._patch_blocks()
-        self._batch_hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
+        self._hooks = [
+            model.register_forward_pre_hook(self._enter_forward, with_kwargs=True),
+            model.register_forward_hook(self._exit_forward, with_kwargs=True, always_call=True),
+            *(block.block.register_forward_pre_hook(self._check_block_rows, with_kwargs=True) for block in blocks),
+        ]
 
     # --- patching -------------------------------------------------------------------------------
 
@@ -155,6 +170,8 @@ class MoELoRAModel:
         """
         if self.sharding is not None:
             raise NotImplementedError("unpatch: the experts are sharded over a process group; reload the model")
+        if self._saved_mappings:
+            raise RuntimeError("unpatch: called inside an adapters() block; call it after the block")
         for config, implementation in self._previous_implementation.values():
             config._experts_implementation = implementation
         for block in self.blocks:
@@ -164,7 +181,8 @@ class MoELoRAModel:
         for name, (original, _) in self._linears.items():
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, original)
-        self._batch_hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         self._linears, self._tables, self._slot_of, self.blocks = {}, {}, {}, []
         self.row_slots.clear()
         return self.model
@@ -239,17 +257,18 @@ class MoELoRAModel:
             ValueError: the name is taken, every slot is used, the rank exceeds ``max_rank``, or the
                 adapter does not fit the model. NotImplementedError: an unsupported PEFT feature.
         """
-        if name in self._slot_of:
-            raise ValueError(f"adapter {name!r} is already loaded (slot {self._slot_of[name]})")
-        free = [slot for slot in range(self.max_loras) if slot not in self._slot_of.values()]
-        if not free:
-            raise ValueError(
-                f"adapter {name!r}: all {self.max_loras} slots are used by {self.adapter_names}; unload one first"
-            )
-        adapter = self._read(name, source)
-        self._write(free[0], adapter)
-        self._slot_of[name] = free[0]
-        return free[0]
+        with self._lock:
+            if name in self._slot_of:
+                raise ValueError(f"adapter {name!r} is already loaded (slot {self._slot_of[name]})")
+            free = [slot for slot in range(self.max_loras) if slot not in self._slot_of.values()]
+            if not free:
+                raise ValueError(
+                    f"adapter {name!r}: all {self.max_loras} slots are used by {self.adapter_names}; unload one first"
+                )
+            adapter = self._read(name, source)
+            self._write(free[0], adapter)
+            self._slot_of[name] = free[0]
+            return free[0]
 
     def unload_adapter(self, name: str) -> None:
         """Zeros the adapter's slot in every table and frees it.
@@ -257,15 +276,21 @@ class MoELoRAModel:
         Raises:
             KeyError: the adapter is not loaded. ValueError: the current mapping still uses it.
         """
-        if name not in self._slot_of:
-            raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.adapter_names}")
-        if self._row_names is not None and name in self._row_names:
-            raise ValueError(f"adapter {name!r} is mapped to batch rows by set_adapters; remap the rows first")
-        slot = self._slot_of.pop(name)
-        for _, linear in self._linears.values():
-            linear.clear_slot(slot)
-        for table in self._tables.values():
-            table.clear_slot(slot)
+        with self._lock:
+            if name not in self._slot_of:
+                raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.adapter_names}")
+            if self._row_names is not None and name in self._row_names:
+                raise ValueError(f"adapter {name!r} is mapped to batch rows by set_adapters; remap the rows first")
+            if any(saved is not None and name in saved for saved in self._saved_mappings):
+                raise ValueError(
+                    f"adapter {name!r} is in the mapping an enclosing adapters() block restores; unload it after "
+                    "that block"
+                )
+            slot = self._slot_of.pop(name)
+            for _, linear in self._linears.values():
+                linear.clear_slot(slot)
+            for table in self._tables.values():
+                table.clear_slot(slot)
 
     # --- mapping --------------------------------------------------------------------------------
 
@@ -278,32 +303,63 @@ class MoELoRAModel:
                 every following call must have ``len(names)`` rows.
 
         Raises:
+            TypeError: ``names`` is a string or holds something other than names and None.
             KeyError: a name that is not loaded.
         """
-        self._check_patched()
+        names = _row_names(names)
+        with self._lock:
+            self._check_patched()
+            if names is None:
+                self._map(None)
+                return
+            unknown = sorted({n for n in names if n is not None and n not in self._slot_of})
+            if unknown:
+                raise KeyError(f"adapters {unknown} are not loaded; loaded: {self.adapter_names}")
+            self._map(names)
+
+    def _map(self, names: list[str | None] | None) -> None:
+        """Writes the mapping of already-checked names (held under the lock)."""
         if names is None:
             self.row_slots.clear()
-            self._row_names = None
-            return
-        names = list(names)
-        unknown = sorted({n for n in names if n is not None and n not in self._slot_of})
-        if unknown:
-            raise KeyError(f"adapters {unknown} are not loaded; loaded: {self.adapter_names}")
-        slots = [-1 if n is None else self._slot_of[n] for n in names]
-        self.row_slots.set(slots, self.device)
+        else:
+            self.row_slots.set([-1 if n is None else self._slot_of[n] for n in names], self.device)
         self._row_names = names
 
     @contextlib.contextmanager
     def adapters(self, names: Sequence[str | None] | None) -> Iterator[None]:
-        """``set_adapters(names)`` for the duration of a ``with`` block, then the previous mapping."""
-        previous = self._row_names
-        self.set_adapters(names)
-        try:
-            yield
-        finally:
-            self.set_adapters(previous)
+        """``set_adapters(names)`` for the duration of a ``with`` block, then the previous mapping.
 
-    def _check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        The block holds the handle's lock: another thread's block waits until this one exits (see
+        the class docstring). Blocks nest; an adapter that an enclosing block restores cannot be
+        unloaded inside it, so every exit restores exactly what was there.
+        """
+        with self._lock:
+            previous = self._row_names
+            self.set_adapters(names)
+            self._saved_mappings.append(previous)
+            try:
+                yield
+            finally:
+                self._saved_mappings.pop()
+                if self._tables:
+                    self._map(previous)
+
+    def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Released by _exit_forward, which nn.Module calls even when a hook or the forward raises.
+        if not torch.compiler.is_compiling():
+            self._lock.acquire()
+        self._check_batch(args, kwargs)
+
+    def _exit_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not torch.compiler.is_compiling():
+            self._lock.release()
+
+    def _check_block_rows(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden_states, torch.Tensor):
+            self.row_slots.check_rows(hidden_states, f"the patched MoE block {type(block).__name__}")
+
+    def _check_batch(self, args: tuple, kwargs: dict) -> None:
         row_slot = self.row_slots.row_slot
         if row_slot is None:
             return
@@ -317,6 +373,24 @@ class MoELoRAModel:
                 f"the batch has {inputs.shape[0]} rows but set_adapters was given {row_slot.shape[0]} names; "
                 "give one adapter name (or None) per batch row"
             )
+
+
+def _row_names(names) -> list[str | None] | None:
+    """``names`` as a list of names and None, or None; raises TypeError for anything else."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(
+            f"names must be a sequence of adapter names (or None), one per batch row, or None; got "
+            f"{type(names).__name__} {names!r}" + (f" (for one row, write [{names!r}])" if isinstance(names, str) else "")
+        )
+    names = list(names)
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"names must hold adapter names (str) or None, got {bad!r}")
+    if not names:
+        raise ValueError("names is empty; give one adapter name (or None) per batch row, or None for no mapping")
+    return names
 
 
 def patch_model(

@@ -234,3 +234,27 @@ def align_block_size_ref(
             emit(group, e, -1)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return as_long(sorted_ids), as_long(expert_of_block), as_long(lora_of_block)
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    token_slot: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_scale: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The LoRA delta of each token, ``[T, out]``: ``scale[s] * B[s] (A[s] x[t])`` with
+    ``s = token_slot[t]``, zero where ``s == -1``; a loop over tokens, each reading only its own
+    slot (``moe_lora::add_lora_linear`` adds this to its ``out``).
+
+    Args:
+        x: ``[T, in]``; token_slot: ``[T]`` int; lora_a: ``[L, R, in]``; lora_b: ``[L, out, R]``;
+        lora_scale: ``[L]``.
+    """
+    delta = torch.zeros(x.shape[0], lora_b.shape[1], dtype=compute_dtype, device=x.device)
+    for t, slot in enumerate(token_slot.tolist()):
+        if slot >= 0:
+            a, b = lora_a[slot].to(compute_dtype), lora_b[slot].to(compute_dtype)
+            delta[t] = lora_scale[slot].to(compute_dtype) * (b @ (a @ x[t].to(compute_dtype)))
+    return delta

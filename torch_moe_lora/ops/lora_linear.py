@@ -1,0 +1,315 @@
+"""Per-token multi-LoRA for linear layers: ``out[t] += scale[s_t] * B[s_t] (A[s_t] x[t])``.
+
+Each token pays for its own adapter only, and reads no other adapter's weights: a NaN, an Inf or
+an overflow in one slot cannot reach another slot's tokens or the tokens without an adapter.
+
+The tokens are grouped by slot through a *segment table* that the caller computes once per
+mapping (``slot_segments``) and that every layer of a model shares: ``row_order [B]`` lists the
+batch rows (or tokens) slot by slot, and ``slot_row_start [L + 1]`` gives where each slot's rows
+start in it (rows without an adapter come after ``slot_row_start[L]``). A row holds
+``T / B`` consecutive tokens, so one table serves every sequence length of a batch (prefill and
+decode); a packed batch maps tokens one by one (``B == T``).
+
+Reading order: the segment table, the Triton kernels and their launcher, the registered op with
+its fake and its portable PyTorch implementation (the CPU path), and the public function.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import dot_precision, rank_block
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+_OP = "moe_lora::add_lora_linear"
+_CONFIG_FILE = Path(__file__).parent.parent / "configs" / "lora_linear.json"
+
+
+def slot_segments(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment table of a row-to-slot mapping, computed on the mapping's device (no host sync).
+
+    Args:
+        slots: ``[B]`` int32/int64, the slot of each row in ``[0, num_slots)`` or ``-1`` for none.
+            Other values raise on the CPU and trip a device-side assert on CUDA.
+        num_slots: ``L``.
+
+    Returns:
+        ``row_order [B]`` int32 (rows of slot 0, then slot 1, ..., then rows without an adapter;
+        in row order within a slot) and ``slot_row_start [L + 1]`` int32.
+    """
+    if slots.dim() != 1 or slots.dtype not in INDEX_DTYPES:
+        raise ValueError(f"slot_segments: slots must be a 1-D int32/int64 tensor, got {slots.dtype} {list(slots.shape)}")
+    in_range = ((slots >= -1) & (slots < num_slots)).all()
+    if slots.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"slot_segments: slots must be in [-1, {num_slots}), got {slots.tolist()}")
+    else:
+        torch._assert_async(in_range, f"slot_segments: slots must be in [-1, {num_slots})")
+    key = torch.where(slots < 0, num_slots, slots.long())
+    row_order = torch.argsort(key, stable=True).to(torch.int32)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int32, device=slots.device)
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    slot_row_start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    return row_order, slot_row_start
+
+
+@triton.jit
+def _block_segment(block, slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M: tl.constexpr):
+    """(slot, first position, end position) of block ``block`` in the slot-sorted token order, or
+    slot -1 past the last block. Slot ``l``'s blocks follow slot ``l - 1``'s; positions count
+    tokens: row ``row_order[p // tokens_per_row]``, token ``p % tokens_per_row`` of it. Segment
+    bounds are clamped to ``[0, num_rows]``, so no table can make a program read past ``row_order``."""
+    slot = block * 0 - 1
+    start = block * 0
+    end = block * 0
+    blocks_before = block * 0
+    row_start = tl.minimum(tl.maximum(tl.load(slot_row_start_ptr), 0), num_rows)
+    for s in range(0, num_slots):
+        row_end = tl.minimum(tl.maximum(tl.load(slot_row_start_ptr + s + 1), row_start), num_rows)
+        count = (row_end - row_start) * tokens_per_row
+        num_blocks = tl.cdiv(count, BLOCK_M)
+        hit = (block >= blocks_before) & (block < blocks_before + num_blocks)
+        slot = tl.where(hit, s, slot)
+        start = tl.where(hit, row_start * tokens_per_row + (block - blocks_before) * BLOCK_M, start)
+        end = tl.where(hit, row_end * tokens_per_row, end)
+        blocks_before += num_blocks
+        row_start = row_end
+    return slot, start, end
+
+
+@triton.jit
+def _block_tokens(start, end, row_order_ptr, num_rows, tokens_per_row, BLOCK_M: tl.constexpr):
+    """Positions, validity and tokens (int64) of a block's rows; a row id outside ``[0, num_rows)``
+    makes its tokens invalid (never read or written)."""
+    pos = start + tl.arange(0, BLOCK_M)
+    valid = pos < end
+    row = tl.load(row_order_ptr + pos // tokens_per_row, mask=valid, other=0).to(tl.int64)
+    valid = valid & (row >= 0) & (row < num_rows)
+    return pos, valid, tl.where(valid, row, 0) * tokens_per_row + pos % tokens_per_row
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, scale_ptr, u_ptr, row_order_ptr, slot_row_start_ptr,
+    num_slots, num_rows, tokens_per_row, in_features, rank,
+    stride_x_m, stride_x_k, stride_a_l, stride_a_r, stride_a_k, stride_u_m, stride_u_r,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``u[pos] = scale[slot] * x[token(pos)] @ a[slot]^T`` for the tokens of one block (one slot)."""
+    slot, start, end = _block_segment(tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M)
+    if slot < 0:
+        return
+    pos, valid, token = _block_tokens(start, end, row_order_ptr, num_rows, tokens_per_row, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + token[:, None] * stride_x_m
+    a_rows = a_ptr + slot.to(tl.int64) * stride_a_l + offs_r[None, :] * stride_a_r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        k = k0 + offs_k
+        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & (k[None, :] < in_features), other=0.0)
+        a = tl.load(a_rows + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < in_features), other=0.0)
+        acc += tl.dot(xs, a, input_precision=PRECISION)
+    acc *= tl.load(scale_ptr + slot)
+    u = u_ptr + pos[:, None].to(tl.int64) * stride_u_m + offs_r[None, :] * stride_u_r
+    tl.store(u, acc.to(u_ptr.dtype.element_ty), mask=valid[:, None] & (offs_r[None, :] < rank))
+
+
+@triton.jit
+def _expand_kernel(
+    u_ptr, b_ptr, out_ptr, row_order_ptr, slot_row_start_ptr,
+    num_slots, num_rows, tokens_per_row, out_features, rank,
+    stride_u_m, stride_u_r, stride_b_l, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``out[token(pos), n] += u[pos] @ b[slot, n]^T`` for one block and one column tile."""
+    slot, start, end = _block_segment(tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M)
+    if slot < 0:
+        return
+    pos, valid, token = _block_tokens(start, end, row_order_ptr, num_rows, tokens_per_row, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = offs_r < rank
+    n_mask = offs_n < out_features
+    u = tl.load(
+        u_ptr + pos[:, None].to(tl.int64) * stride_u_m + offs_r[None, :] * stride_u_r,
+        mask=valid[:, None] & r_mask[None, :],
+        other=0.0,
+    )
+    b = tl.load(
+        b_ptr + slot.to(tl.int64) * stride_b_l + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
+        mask=n_mask[None, :] & r_mask[:, None],
+        other=0.0,
+    )
+    delta = tl.dot(u, b, input_precision=PRECISION)
+    out = out_ptr + token[:, None] * stride_out_m + offs_n[None, :] * stride_out_n
+    mask = valid[:, None] & n_mask[None, :]
+    base = tl.load(out, mask=mask, other=0.0)
+    tl.store(out, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _configs() -> dict:
+    return json.loads(_CONFIG_FILE.read_text())
+
+
+def launch_config(num_tokens: int) -> dict:
+    """The tile config for ``num_tokens`` (``configs/lora_linear.json``: the smallest token
+    bucket >= it, else the largest)."""
+    buckets = _configs()["buckets"]
+    sizes = sorted(int(b) for b in buckets)
+    return buckets[str(next((b for b in sizes if b >= num_tokens), sizes[-1]))]
+
+
+def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+    """Launches the shrink and expand kernels; arguments as ``moe_lora::add_lora_linear`` (checked)."""
+    num_tokens, in_features = x.shape
+    num_slots, rank, out_features = lora_a.shape[0], lora_a.shape[1], lora_b.shape[1]
+    if num_tokens == 0 or rank == 0:
+        return
+    cfg = launch_config(num_tokens)
+    block_m, block_r = cfg["block_m"], rank_block(rank)
+    tokens_per_row = num_tokens // row_order.shape[0]
+    # Blocks of one slot never hold another's tokens: at most one partial block per slot.
+    grid_m = triton.cdiv(num_tokens, block_m) + num_slots
+    u = x.new_empty(num_tokens, rank)
+    precision = dot_precision(x.dtype)
+    segments = (row_order, slot_row_start, num_slots, row_order.shape[0], tokens_per_row)
+    shrink, expand = cfg["shrink"], cfg["expand"]
+    _shrink_kernel[(grid_m,)](
+        x, lora_a, lora_scale, u, *segments, in_features, rank, *x.stride(), *lora_a.stride(), *u.stride(),
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=shrink["block_k"],
+        num_warps=shrink["num_warps"], num_stages=shrink["num_stages"],
+    )  # fmt: skip
+    _expand_kernel[(grid_m, triton.cdiv(out_features, expand["block_n"]))](
+        u, lora_b, out, *segments, out_features, rank, *u.stride(), *lora_b.stride(), *out.stride(),
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=expand["block_n"], BLOCK_R=block_r,
+        num_warps=expand["num_warps"], num_stages=expand["num_stages"],
+    )  # fmt: skip
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+    """Validates shapes, dtypes and devices (no data is read); raises ValueError/TypeError."""
+    if x.dim() != 2:
+        raise ValueError(f"add_lora_linear: x must be [T, in], got {_shape(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"add_lora_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    T, in_features = x.shape
+    if lora_a.dim() != 3 or lora_a.shape[2] != in_features:
+        raise ValueError(f"add_lora_linear: lora_a must be [L, R, in] with in = {in_features}, got {_shape(lora_a)}")
+    L, R = lora_a.shape[0], lora_a.shape[1]
+    if lora_b.dim() != 3 or lora_b.shape[0] != L or lora_b.shape[2] != R:
+        raise ValueError(f"add_lora_linear: lora_b must be [L, out, R] = [{L}, out, {R}], got {_shape(lora_b)}")
+    out_features = lora_b.shape[1]
+    if out.shape != (T, out_features):
+        raise ValueError(f"add_lora_linear: out must be [T, out] = [{T}, {out_features}], got {_shape(out)}")
+    if lora_scale.shape != (L,) or lora_scale.dtype != torch.float32:
+        raise ValueError(f"add_lora_linear: lora_scale must be float32 [L] = [{L}], got {lora_scale.dtype} {_shape(lora_scale)}")
+    for name, t in (("out", out), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"add_lora_linear: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if row_order.dim() != 1 or row_order.dtype not in INDEX_DTYPES:
+        raise ValueError(f"add_lora_linear: row_order must be a 1-D int32/int64 tensor, got {row_order.dtype} {_shape(row_order)}")
+    rows = row_order.shape[0]
+    if rows == 0 and T != 0 or rows != 0 and T % rows != 0:
+        raise ValueError(
+            f"add_lora_linear: {T} tokens are not a whole number of rows of the {rows}-row mapping; map one slot "
+            "per batch row (each row's tokens consecutive) or one per token"
+        )
+    if slot_row_start.shape != (L + 1,) or slot_row_start.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"add_lora_linear: slot_row_start must be int32/int64 [L + 1] = [{L + 1}], got "
+            f"{slot_row_start.dtype} {_shape(slot_row_start)}"
+        )
+    named = (("out", out), ("row_order", row_order), ("slot_row_start", slot_row_start), ("lora_a", lora_a),
+             ("lora_b", lora_b), ("lora_scale", lora_scale))  # fmt: skip
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"add_lora_linear: {name} is on {t.device} but x is on {x.device}")
+
+
+@torch.library.custom_op(_OP, mutates_args=("out",))
+def _add_lora_linear_op(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    row_order: torch.Tensor,
+    slot_row_start: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_scale: torch.Tensor,
+) -> None:
+    add_lora_linear_torch(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
+
+
+@_add_lora_linear_op.register_fake
+def _(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+    check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
+
+
+@_add_lora_linear_op.register_kernel("cuda")
+def _(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+    check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
+    add_lora_linear_triton(
+        out, x, row_order.contiguous(), slot_row_start.contiguous(), lora_a, lora_b, lora_scale.contiguous()
+    )
+
+
+def add_lora_linear_torch(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+    """Portable implementation in PyTorch ops (the CPU path): a loop over the slots that have tokens,
+    each computing in float32 on its own tokens only."""
+    check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
+    num_tokens, rows = x.shape[0], row_order.shape[0]
+    if num_tokens == 0:
+        return
+    tokens_per_row = num_tokens // rows
+    starts = slot_row_start.tolist()
+    if starts[0] != 0 or any(b < a for a, b in zip(starts, starts[1:])) or starts[-1] > rows:
+        raise ValueError(f"add_lora_linear: slot_row_start must rise from 0 to at most {rows}, got {starts}")
+    offsets = torch.arange(tokens_per_row, device=x.device)
+    for slot in range(lora_a.shape[0]):
+        if starts[slot + 1] == starts[slot]:
+            continue
+        slot_rows = row_order[starts[slot] : starts[slot + 1]].long()
+        tokens = (slot_rows[:, None] * tokens_per_row + offsets).reshape(-1)
+        shrunk = x[tokens].float() @ lora_a[slot].float().T
+        delta = (shrunk @ lora_b[slot].float().T) * lora_scale[slot]
+        out[tokens] = (out[tokens].float() + delta).to(out.dtype)
+
+
+def add_lora_linear(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    row_order: torch.Tensor,
+    slot_row_start: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_scale: torch.Tensor,
+) -> None:
+    """Adds each token's LoRA to ``out`` in place (``torch.ops.moe_lora.add_lora_linear``).
+
+    ``out[t] += scale[s] * B[s] (A[s] x[t])`` with ``s`` the slot of token ``t``'s row; tokens of
+    rows without an adapter are left as they are. Each token reads only its own slot's weights.
+
+    Args:
+        out: ``[T, out]`` in x's dtype, e.g. the base layer's output; updated in place.
+        x: ``[T, in]`` float32, float16 or bfloat16.
+        row_order, slot_row_start: the mapping's segment table (``slot_segments``): ``[B]`` and
+            ``[L + 1]`` int32/int64, with ``B`` dividing ``T`` (row ``i`` holds tokens
+            ``[i * T / B, (i + 1) * T / B)``).
+        lora_a: ``[L, R, in]`` shrink matrices in x's dtype (rank rows past an adapter's own rank
+            are zero).
+        lora_b: ``[L, out, R]`` expand matrices in x's dtype.
+        lora_scale: ``[L]`` float32 per-slot scaling (PEFT's ``alpha / r``).
+    """
+    torch.ops.moe_lora.add_lora_linear(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
