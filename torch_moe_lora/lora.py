@@ -7,6 +7,7 @@ ranks share a table without changing its result.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -114,7 +115,13 @@ class ExpertLoRASlots:
         return rows % 2 == 0 if self.interleaved else rows < self.intermediate_size
 
     def _check_pair(self, name: str, pair, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"ExpertLoRASlots.set_slot: {name} must be a pair (A, B) of tensors, got {type(pair).__name__}")
         a, b = pair
+        for factor, t in (("A", a), ("B", b)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"ExpertLoRASlots.set_slot: {name} {factor} must be a real floating-point tensor, got {what}")
         e = self.num_experts
         r = a.shape[1] if a.dim() == 3 else -1
         if a.shape != (e, r, in_features) or b.shape != (e, out_features, r):
@@ -150,6 +157,9 @@ class ExpertLoRASlots:
         w = self.weights
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"ExpertLoRASlots.set_slot: slot {slot} outside [0, {self.num_slots})")
+        for name, scale in (("gate_up_scale", gate_up_scale), ("down_scale", down_scale)):
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+                raise TypeError(f"ExpertLoRASlots.set_slot: {name} must be a real number, got {type(scale).__name__}")
         if gate_up is not None and (gate is not None or up is not None):
             raise ValueError("ExpertLoRASlots.set_slot: pass gate_up or gate/up, not both")
         if (gate is not None or up is not None) and not w.split_gate_up:

@@ -1,0 +1,259 @@
+"""Many tenants on one patched model: a broken adapter stays in its own rows, mappings do not leak
+between threads or nested blocks, and bad input at the public API raises an error naming it.
+
+Tiny random models and PEFT adapters; the poisoned adapters are PEFT files with NaN, Inf or
+float16-overflowing values written into them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_models import tiny_model
+from test_patch import batch_ids, make_peft_adapters, peft_adapters  # noqa: F401
+from utils import requires_cuda
+
+from torch_moe_lora import ExpertLoRASlots, fused_experts, patch_model
+from torch_moe_lora.linear import MultiLoRALinear, RowSlots
+
+FAMILY = "qwen3_moe"
+ROWS = ["a", None, "broken", "b"]
+
+
+def poisoned_copy(path: str, root, name: str, poison) -> str:
+    """A copy of the PEFT adapter at ``path`` with ``poison(key, tensor)`` applied to its weights."""
+    target = root / name
+    shutil.copytree(path, target)
+    weights = load_file(str(target / "adapter_model.safetensors"))
+    save_file({k: poison(k, v) for k, v in weights.items()}, str(target / "adapter_model.safetensors"))
+    return str(target)
+
+
+def one_nan_in_q_proj_a(key, t):
+    if "layers.0.self_attn.q_proj.lora_A" in key:
+        t = t.clone()
+        t[0, 0] = float("nan")
+    return t
+
+
+def inf_in_expert_b(key, t):
+    return torch.full_like(t, float("inf")) if "experts" in key and "lora_B" in key else t
+
+
+def nan_everywhere(key, t):
+    return torch.full_like(t, float("nan"))
+
+
+def float16_overflow(key, t):
+    """LoRA A that stays finite in float16 (largest |a| 6e4) but whose shrink overflows it."""
+    return t * (6e4 / t.abs().max()) if "lora_A" in key else t
+
+
+POISONS = {"one_nan_in_q_proj_a": one_nan_in_q_proj_a, "inf_in_expert_b": inf_in_expert_b, "nan_everywhere": nan_everywhere}
+
+
+def logits_of(model, handle, rows, ids):
+    with torch.no_grad(), handle.adapters(rows):
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_a_broken_adapter_changes_only_its_rows(poison, peft_adapters, tmp_path):
+    """The issue's reproduction: with a broken adapter resident (and mapped to one row), every other
+    row's logits are bit-identical to the run with a clean adapter in its place."""
+    made = peft_adapters(FAMILY)
+    ids = batch_ids()
+    model = tiny_model(FAMILY)
+    handle = patch_model(model, {"a": made["a"][0], "b": made["b"][0]}, max_loras=3, max_rank=5)
+    handle.load_adapter("broken", made["a"][0])
+    clean = logits_of(model, handle, ROWS, ids)
+    handle.unload_adapter("broken")
+    handle.load_adapter("broken", poisoned_copy(made["a"][0], tmp_path, poison, POISONS[poison]))
+    poisoned = logits_of(model, handle, ROWS, ids)
+    for row, name in enumerate(ROWS):
+        if name != "broken":
+            assert torch.equal(poisoned[row], clean[row]), f"{poison}: row {row} ({name}) changed"
+    assert not torch.isfinite(poisoned[2]).all(), f"{poison}: the broken row should show its adapter's values"
+    unmapped = logits_of(model, handle, None, ids)
+    assert torch.isfinite(unmapped).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_float16_overflow_stays_in_its_rows(device, peft_adapters, tmp_path):
+    made = peft_adapters(FAMILY)
+    ids = batch_ids().to(device)
+    model = tiny_model(FAMILY).to(device=device, dtype=torch.float16)
+    handle = patch_model(model, {"a": made["a"][0], "b": made["b"][0]}, max_loras=3, max_rank=5)
+    clean = logits_of(model, handle, ["a", None, None, "b"], ids)
+    handle.load_adapter("broken", poisoned_copy(made["c"][0], tmp_path, "overflow", float16_overflow))
+    poisoned = logits_of(model, handle, ROWS, ids)
+    for row in (0, 1, 3):
+        assert torch.equal(poisoned[row], clean[row]), f"row {row} changed"
+    assert not torch.isfinite(poisoned[2]).all()
+
+
+def test_a_broken_adapter_changes_only_its_rows_when_compiled(peft_adapters, tmp_path):
+    made = peft_adapters(FAMILY)
+    ids = batch_ids()
+    model = tiny_model(FAMILY)
+    handle = patch_model(model, {"a": made["a"][0], "b": made["b"][0]}, max_loras=3, max_rank=5)
+    handle.load_adapter("broken", poisoned_copy(made["c"][0], tmp_path, "nan", nan_everywhere))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        handle.set_adapters(["a", None, None, "b"])
+        clean = compiled(ids).logits
+        handle.set_adapters(ROWS)
+        poisoned = compiled(ids).logits
+        handle.set_adapters(None)
+    torch._dynamo.reset()
+    for row in (0, 1, 3):
+        assert torch.equal(poisoned[row], clean[row]), f"row {row} changed"
+    assert poisoned[2].isnan().any()
+
+
+def test_threads_each_get_their_own_mapping(peft_adapters):
+    """Two threads, each running its own adapter in ``adapters()`` blocks: every output is its own
+    adapter's, and the model is unmapped after both exit."""
+    made = peft_adapters(FAMILY)
+    ids = batch_ids()
+    model = tiny_model(FAMILY)
+    handle = patch_model(model, {"a": made["a"][0], "b": made["b"][0]})
+    expected = {name: logits_of(model, handle, [name] * 4, ids) for name in ("a", "b")}
+    base = logits_of(model, handle, None, ids)
+    wrong = []
+
+    def worker(name):
+        for _ in range(15):
+            with torch.no_grad(), handle.adapters([name] * 4):
+                out = model(ids).logits
+            if not torch.equal(out, expected[name]):
+                wrong.append(name)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of 30 outputs used another thread's adapter"
+    assert handle.row_slots.row_slot is None
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_a_forward_waits_for_another_threads_block(peft_adapters):
+    """A plain call from another thread while a block is open runs after the block, unmapped."""
+    made = peft_adapters(FAMILY)
+    ids = batch_ids()
+    model = tiny_model(FAMILY)
+    handle = patch_model(model, {"a": made["a"][0]})
+    base = logits_of(model, handle, None, ids)
+    entered, result = threading.Event(), {}
+
+    def other():
+        entered.wait()
+        with torch.no_grad():
+            result["logits"] = model(ids).logits
+        result["done"] = time.monotonic()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with handle.adapters(["a"] * 4):
+        entered.set()
+        time.sleep(0.3)
+        assert "done" not in result, "the other thread's forward ran inside this thread's block"
+        exited = time.monotonic()
+    thread.join()
+    assert result["done"] >= exited
+    assert torch.equal(result["logits"], base)
+
+
+def test_nested_blocks_and_unloads_restore_what_was_there(peft_adapters):
+    made = peft_adapters(FAMILY)
+    model = tiny_model(FAMILY)
+    handle = patch_model(model, {n: made[n][0] for n in ("a", "b", "c")})
+    with handle.adapters(["a", None, "a", "b"]):
+        with handle.adapters(["c", "c", None, None]):
+            with pytest.raises(ValueError, match="'a' is in the mapping an enclosing adapters\\(\\) block restores"):
+                handle.unload_adapter("a")
+            with pytest.raises(ValueError, match="'c' is mapped"):
+                handle.unload_adapter("c")
+            with pytest.raises(RuntimeError, match="inside an adapters"):
+                handle.unpatch()
+        assert handle.row_slots.slots == [0, -1, 0, 1]
+        with pytest.raises(ZeroDivisionError), handle.adapters(["b"] * 4):
+            1 / 0
+        assert handle.row_slots.slots == [0, -1, 0, 1]
+        handle.unload_adapter("c")
+    assert handle.row_slots.row_slot is None and handle.adapter_names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "names, error, message",
+    [
+        ("abc", TypeError, r"for one row, write \['abc'\]"),
+        (["a", 3], TypeError, r"adapter names \(str\) or None, got \[3\]"),
+        ([], ValueError, "names is empty"),
+        (["zzz"], KeyError, "'zzz'"),
+        (5, TypeError, "sequence of adapter names"),
+    ],
+)
+def test_bad_mappings_are_refused(names, error, message, peft_adapters):
+    made = peft_adapters(FAMILY)
+    handle = patch_model(tiny_model(FAMILY), {"a": made["a"][0]})
+    with pytest.raises(error, match=message):
+        handle.set_adapters(names)
+    with pytest.raises(error, match=message):
+        with handle.adapters(names):
+            pass
+    assert handle.row_slots.row_slot is None
+
+
+@pytest.mark.parametrize("targets", ["linears_and_experts", "experts_only"])
+def test_inner_model_call_must_match_the_mapping(targets, tmp_path):
+    """``model.model(one_row)`` under a two-row mapping bypasses the top-level check; the patched
+    layers refuse it instead of splitting the row's tokens between adapters."""
+    config = dict(r=2, lora_alpha=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    if targets == "linears_and_experts":
+        config["target_modules"] = ["q_proj"]
+    made = make_peft_adapters(FAMILY, tmp_path, {"a": config})
+    model = tiny_model(FAMILY)
+    handle = patch_model(model, {"a": made["a"][0]})
+    with torch.no_grad(), handle.adapters(["a", None]):
+        with pytest.raises(ValueError, match="got a batch of 1 rows but set_adapters was given 2 names"):
+            model.model(batch_ids(1, 6))
+        model.model(batch_ids(2, 6))
+
+
+def test_fused_experts_refuses_lora_without_token_lora():
+    E, H, I = 3, 8, 4
+    slots = ExpertLoRASlots(2, E, H, I, 2)
+    x, ids, weights = torch.randn(5, H), torch.randint(0, E, (5, 2)), torch.rand(5, 2)
+    with pytest.raises(ValueError, match="lora was given without token_lora"):
+        fused_experts(x, ids, weights, torch.randn(E, 2 * I, H), torch.randn(E, H, I), lora=slots.weights)
+
+
+def test_slot_writes_refuse_integer_and_complex_tensors():
+    E, H, I = 2, 8, 4
+    slots = ExpertLoRASlots(2, E, H, I, 2)
+    for bad in (torch.ones(E, 2, H, dtype=torch.int64), torch.ones(E, 2, H, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="gate_up A must be a real floating-point tensor"):
+            slots.set_slot(0, gate_up=(bad, torch.ones(E, 2 * I, 2)))
+    with pytest.raises(TypeError, match="down_scale must be a real number"):
+        slots.set_slot(0, down=(torch.ones(E, 2, I), torch.ones(E, H, 2)), down_scale="2")
+    linear = MultiLoRALinear(torch.nn.Linear(8, 4), 2, 2, RowSlots(2))
+    with pytest.raises(TypeError, match="b must be a real floating-point tensor"):
+        linear.set_slot(0, torch.ones(2, 8), torch.ones(4, 2, dtype=torch.int32), 1.0)
+
+
+def test_import_registers_every_op():
+    code = "import torch, torch_moe_lora; torch.ops.moe_lora.align_block_size; torch.ops.moe_lora.add_lora_linear"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
