@@ -10,6 +10,7 @@ replay with new mappings.
 
 from __future__ import annotations
 
+import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,7 +152,7 @@ class MultiLoRALinear(nn.Linear):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"MultiLoRALinear.set_slot: {name} must be a real floating-point tensor, got {what}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"MultiLoRALinear.set_slot: scale must be a real number, got {type(scale).__name__}")
         rank = a.shape[0] if a.dim() == 2 else -1
         if a.shape != (rank, self.in_features) or b.shape != (self.out_features, rank):
