@@ -11,6 +11,7 @@ replay with new mappings.
 from __future__ import annotations
 
 import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
