@@ -18,6 +18,7 @@ import argparse
 import os
 import tempfile
 import time
+import warnings
 
 import torch
 import transformers
@@ -42,15 +43,39 @@ DEMO_TARGETS = dict(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "2 + 2 ="]
 
+# PEFT 0.21 checks rank_pattern keys only against the modules it targets (target_modules), not against
+# the parameters (target_parameters), so for adapter "c" it warns that "experts.down_proj" matched
+# nothing and was ignored. It is applied: that LoRA has rank 6 (A is [E * 6, I]). Only this warning goes.
+warnings.filterwarnings(
+    "ignore",
+    message=r"The following rank_pattern keys did not match any targeted module and were ignored: "
+    r"\['experts\.down_proj'\]",
+    category=RuntimeWarning,
+    module=r"peft\.",
+)
+
+
+def named_adapter(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> ``(NAME, PATH)``; the name is required (it is what the batch rows are mapped by)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. math=/path/to/adapter), got {spec!r}")
+    return name, path
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local transformers MoE checkpoint (default: a tiny random Qwen3-MoE)")
     parser.add_argument(
-        "--adapter", action="append", default=[], metavar="NAME=PATH", help="a PEFT LoRA adapter directory (repeatable)"
-    )
+        "--adapter", action="append", default=[], type=named_adapter, metavar="NAME=PATH",
+        help="a named PEFT LoRA adapter directory (repeatable; default: three random demo adapters)",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    return parser.parse_args()
+    args = parser.parse_args()
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) < len(names):
+        parser.error(f"argument --adapter: each NAME once, got {names}")
+    return args
 
 
 def load_model(path: str | None, device: torch.device, dtype: torch.dtype):
@@ -118,7 +143,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = load_model(args.model, device, dtype)
     with tempfile.TemporaryDirectory() as root:
-        adapters = dict(spec.split("=", 1) for spec in args.adapter) or make_demo_adapters(model, root)
+        adapters = dict(args.adapter) or make_demo_adapters(model, root)
         rows = [*adapters, None]
         batch = make_batch(tokenizer, len(rows), model.config.get_text_config().vocab_size, device)
         prompt_len = batch["input_ids"].shape[1]

@@ -1,8 +1,11 @@
 """Reading PEFT LoRA adapters into per-module pieces in the layouts the patched layers use.
 
-An adapter is a directory saved by PEFT's ``save_pretrained`` (``adapter_config.json`` and
-``adapter_model.safetensors``; pickle files are never read) or an in-memory ``(state_dict, config)``
-pair, the state dict keyed as PEFT saves it (``base_model.model.<module>.lora_A.weight``).
+An adapter is a directory saved by PEFT's ``save_pretrained`` or an in-memory ``(state_dict, config)``
+pair, the state dict keyed as PEFT saves it (``base_model.model.<module>.lora_A.weight``). What needs
+no model weights is in ``adapter_config``: reading the directory, grouping the keys into per-module
+LoRA layers, and the config (``AdapterConfig``: checked fields, scales, which modules and parameters
+it targets). Here each targeted layer is checked against the model and laid out for it; weights of
+modules the config does not target are ignored, as PEFT ignores them, with a warning naming them.
 
 Three kinds of keys are understood:
 
@@ -18,59 +21,27 @@ Three kinds of keys are understood:
 * LoRA on ``nn.Linear`` modules (attention, shared experts, dense MLPs, linear routers):
   ``A [r, in]``, ``B [out, r]``.
 
-Scales follow PEFT: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with ``rank_pattern`` and
-``alpha_pattern`` matched against the module key (``<module>.<parameter>`` for target parameters).
-Everything PEFT could compute differently is refused with an error naming the adapter and the
-feature, before anything is loaded.
+Everything PEFT could compute differently is refused, before anything is loaded, and every error
+names the adapter (and its directory or file): unreadable files, config fields of the wrong type or
+value (named with their value and what PEFT expects), tensors that are not floating-point 2-D
+matrices, keys that are not LoRA weights, shapes that do not fit the model, unsupported features.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
+import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
+from .adapter_config import AdapterConfig, LoRALayer, StoredTensor, adapter_where, lora_layers, open_adapter_files
+from .adapter_config import load_adapter_files  # noqa: F401  (callers import it from here)
 from .linear import MultiLoRALinear
 from .models import LegacyTarget, MoEBlock, legacy_expert_target
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-# Config fields that change what an adapter computes beyond B A x; any truthy value is refused.
-_UNSUPPORTED_CONFIG = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA bias (lora_bias)",
-    "modules_to_save": "modules_to_save",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "layer_replication": "layer_replication",
-    "fan_in_fan_out": "fan_in_fan_out",
-    "use_qalora": "QALoRA (use_qalora)",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
-    "velora_config": "VeLoRA (velora_config)",
-    "kasa_config": "KaSA (kasa_config)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "megatron_config": "Megatron layers (megatron_config)",
-}
-# Keys of state-dict entries that are not plain LoRA A/B weights, by the feature they belong to.
-_UNSUPPORTED_KEYS = (
-    (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
-    (".lora_embedding_", "LoRA on embeddings"),
-    (".modules_to_save.", "modules_to_save"),
-    (".token_adapter.", "trainable tokens"),
-    ("lora_B.bias", "LoRA bias (lora_bias)"),
-)
-_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -161,59 +132,12 @@ class AdapterLoRA(NamedTuple):
         return any(e.split_gate_up for e in self.experts.values())
 
 
-class StoredTensor:
-    """A 2-D tensor of an open safetensors file; indexing reads only the indexed slice.
-
-    Attributes:
-        key: its name in the file; shape: its ``torch.Size``.
-    """
-
-    def __init__(self, file, key: str):
-        self.key, self._slice = key, file.get_slice(key)
-        self.shape = torch.Size(self._slice.get_shape())
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self._slice[index]
-
-
-def _adapter_paths(path: str | os.PathLike) -> tuple[str, str]:
-    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
-    if not os.path.isfile(weights_path):
-        pickled = " (adapter_model.bin is a pickle and is not read: re-save with safetensors)"
-        raise FileNotFoundError(
-            f"{path}: no {ADAPTER_WEIGHTS}{pickled if os.path.isfile(os.path.join(path, 'adapter_model.bin')) else ''}"
-        )
-    return config_path, weights_path
-
-
-def load_adapter_files(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads ``adapter_config.json`` and ``adapter_model.safetensors`` from a PEFT adapter directory.
-
-    Returns:
-        ``(state_dict, config)``: tensors on the CPU in the file's dtype, the config as a dict.
-
-    Raises:
-        FileNotFoundError: a file is missing (a pickled ``adapter_model.bin`` is named, not read).
-    """
-    config_path, weights_path = _adapter_paths(path)
-    with open(config_path) as f:
-        config = json.load(f)
-    return load_file(weights_path, device="cpu"), config
-
-
-def open_adapter_files(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict]:
-    """Like ``load_adapter_files``, but nothing is read until a tensor is indexed (``StoredTensor``),
-    so that a rank holding a shard of the experts reads only its slices."""
-    config_path, weights_path = _adapter_paths(path)
-    with open(config_path) as f:
-        config = json.load(f)
-    file = safe_open(weights_path, framework="pt", device="cpu")
-    return {key: StoredTensor(file, key) for key in file.keys()}, config
+def check_adapter_name(name) -> None:
+    """Raises unless ``name`` is a non-empty ``str`` (TypeError for another type, ValueError for ``""``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"adapter name must be a non-empty str, got {name!r} ({type(name).__name__})")
+    if not name:
+        raise ValueError("adapter name must be a non-empty str, got ''")
 
 
 def _take(t, rows: list[slice] | None = None, cols: list[slice] | None = None) -> torch.Tensor:
@@ -226,33 +150,25 @@ def _take(t, rows: list[slice] | None = None, cols: list[slice] | None = None) -
     return torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
 
 
-def _config_dict(config) -> dict:
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    raise TypeError(f"adapter config must be a LoraConfig or a dict, got {type(config).__name__}")
-
-
-def _pattern_value(patterns: Mapping[str, object] | None, key: str, default):
-    # peft.utils.other.get_pattern_key: the first pattern that matches a dotted suffix of the key.
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
-
-
 def _fold(b: torch.Tensor, scale: float, table_scale: float) -> torch.Tensor:
     """B rescaled so that ``table_scale * B' == scale * B`` (``table_scale`` is the largest
     magnitude among the scales it stands for, so it is 0 only when ``scale`` is)."""
     return b if scale == table_scale or table_scale == 0 else b * (scale / table_scale)
 
 
+# Ignored keys a warning lists before it says how many more there are.
+_KEYS_SHOWN = 8
+
+
 class _Reader:
     """Turns one adapter's state dict into an ``AdapterLoRA`` for one model."""
 
-    def __init__(self, name: str, config: dict, model: nn.Module, blocks: list[MoEBlock], sharding=None):
-        self.name, self.config, self.model, self.sharding = name, config, model, sharding
+    def __init__(
+        self, name: str, config: dict, model: nn.Module, blocks: list[MoEBlock], sharding=None, path: str | None = None
+    ):
+        self.name, self.model, self.sharding = name, model, sharding
+        self.where = adapter_where(name, path)
+        self.config = AdapterConfig(config, self.where, model)
         self.block_of_experts = {id(b.experts): b for b in blocks}
         self.block_of_name = {b.name: b for b in blocks}
         self.routers = {id(getattr(b.block, b.family.router_attr)) for b in blocks}
@@ -261,48 +177,18 @@ class _Reader:
         self.output_embeddings = id(output_embeddings) if output_embeddings is not None else None
 
     def error(self, message: str, kind: type[Exception] = ValueError) -> Exception:
-        return kind(f"adapter {self.name!r}: {message}")
+        return kind(f"{self.where}: {message}")
 
     def unsupported(self, feature: str) -> Exception:
         return self.error(f"{feature} is not supported", NotImplementedError)
 
-    def check_config(self) -> None:
-        peft_type = self.config.get("peft_type")
-        peft_type = str(getattr(peft_type, "value", peft_type))
-        if peft_type != "LORA":
-            raise self.unsupported(f"PEFT type {peft_type!r} (only LORA)")
-        for field, feature in _UNSUPPORTED_CONFIG.items():
-            if self.config.get(field):
-                raise self.unsupported(feature)
-        if self.config.get("bias", "none") != "none":
-            raise self.unsupported(f"training base-model biases (bias={self.config['bias']!r})")
-
-    def scale(self, key: str, rank: int) -> float:
-        """PEFT's scaling for the module (or parameter) key; checks the configured rank."""
-        configured = _pattern_value(self.config.get("rank_pattern"), key, self.config.get("r", 8))
-        if configured != rank:
-            raise self.error(f"{key}: the weights have rank {rank} but the config gives r={configured}")
-        alpha = _pattern_value(self.config.get("alpha_pattern"), key, self.config.get("lora_alpha", 8))
-        return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
-
-    def factors(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """``{module path: {"A": tensor, "B": tensor}}`` with PEFT's prefix removed."""
-        found: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state_dict.items():
-            for marker, feature in _UNSUPPORTED_KEYS:
-                if marker in key:
-                    raise self.unsupported(f"{feature} (key {key})")
-            match = _LORA_KEY.fullmatch(key)
-            if match is None:
-                raise self.error(f"key {key} is not a LoRA A/B weight")
-            module = match["module"].removeprefix(PEFT_PREFIX)
-            found.setdefault(module, {})[match["factor"]] = tensor
-        for module, pair in found.items():
-            if len(pair) != 2:
-                raise self.error(f"{module} has lora_{'A' if 'B' in pair else 'B'} missing")
-        if not found:
-            raise self.error("the state dict holds no LoRA weights")
-        return found
+    def factors(self, path: str, layer: LoRALayer) -> tuple[torch.Tensor | StoredTensor, torch.Tensor | StoredTensor]:
+        """``(A, B)`` of a layer PEFT loads; refuses its other keys and a missing factor."""
+        if layer.unsupported:
+            raise self.unsupported(layer.unsupported[0])
+        if len(layer.factors) != 2:
+            raise self.error(f"{path} has lora_{'A' if 'B' in layer.factors else 'B'} missing")
+        return layer.factors["A"], layer.factors["B"]
 
     def legacy_target(self, path: str) -> LegacyTarget | None:
         """Where a 4.x per-expert module name lands in one of the model's blocks, if it is one."""
@@ -344,24 +230,16 @@ class _Reader:
                 f"nn.Linear({module.in_features}, {module.out_features}) (expected A [r, {module.in_features}], "
                 f"B [{module.out_features}, r])"
             )
-        for target in self.config.get("target_parameters") or ():
-            if f"{path}.weight" == target or f"{path}.weight".endswith(f".{target}"):
-                raise self.unsupported(f"target_parameters on nn.Linear weights ({path}.weight)")
-        return LinearLoRA(_take(a), _take(b), self.scale(path, rank))
+        if self.config.targets_parameter(f"{path}.weight"):
+            raise self.unsupported(f"target_parameters on nn.Linear weights ({path}.weight)")
+        return LinearLoRA(_take(a), _take(b), self.config.scale(path, rank))
 
-    def expert_parameter(self, path: str, depth: int, block: MoEBlock) -> str:
-        """Which experts parameter the wrapper ``depth`` levels below the outermost one targets."""
-        targets = self.config.get("target_parameters") or ()
-        targeted = [
-            name
-            for name, _ in block.experts.named_parameters(recurse=False)
-            if any(f"{path}.{name}" == t or f"{path}.{name}".endswith(f".{t}") for t in targets)
-        ]
+    def expert_parameter(self, path: str, depth: int, block: MoEBlock) -> str | None:
+        """Which experts parameter the wrapper ``depth`` levels below the outermost one targets; None
+        where PEFT makes no such wrapper (``target_parameters`` names fewer parameters of the module)."""
+        targeted = self.config.targeted_parameters(path, block.experts)
         if depth >= len(targeted):
-            raise self.error(
-                f"{path}: LoRA weights for {depth + 1} nested parameter wrappers, but target_parameters "
-                f"{list(targets)} match only {targeted}"
-            )
+            return None
         name = targeted[len(targeted) - 1 - depth]
         if name not in (block.spec.w13_name, block.spec.w2_name):
             raise self.unsupported(f"LoRA on the expert parameter {path}.{name}")
@@ -405,7 +283,7 @@ class _Reader:
             pair = (a.contiguous(), b.contiguous())
         else:
             pair = (b.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous())
-        return pair, self.scale(f"{path}.{param}", rank)
+        return pair, self.config.scale(f"{path}.{param}", rank)
 
     def shard_of(self, block: MoEBlock, role: str, num_experts: int, split_size: int) -> tuple[range, list | None]:
         """This rank's experts and runs of the tensor-parallel dimension (None: all of it)."""
@@ -456,34 +334,52 @@ class _Reader:
         return stacked
 
     def read(self, state_dict: Mapping[str, torch.Tensor]) -> AdapterLoRA:
-        self.check_config()
+        self.config.check()
         joint: dict[str, dict[str, tuple]] = {}
         legacy: dict[str, dict[str, dict]] = {}
         linears: dict[str, LinearLoRA] = {}
-        for path, pair in self.factors(state_dict).items():
-            a, b = pair["A"], pair["B"]
+        ignored: list[str] = []
+        for path, layer in lora_layers(state_dict, self.where).items():
             owner, depth = path, 0
             while owner.endswith(".base_layer"):
                 owner, depth = owner.removesuffix(".base_layer"), depth + 1
             target = self.legacy_target(owner) if depth == 0 else None
             if target is not None:
-                rank = a.shape[0]
+                if not self.config.targets_module(owner):
+                    ignored += layer.keys
+                    continue
+                a, b = self.factors(path, layer)
                 roles = legacy.setdefault(target.block_name, {}).setdefault(target.role, {})
-                roles[target.expert] = (a, b, self.scale(owner, rank))
+                roles[target.expert] = (a, b, self.config.scale(owner, a.shape[0]))
                 continue
             module = self.module(owner)
-            if module is None:
-                raise self.error(f"{path}: matches no module of {type(self.model).__name__}")
             block = self.block_of_experts.get(id(module))
             if block is not None:
                 param = self.expert_parameter(owner, depth, block)
+                if param is None:
+                    ignored += layer.keys
+                    continue
                 role = "gate_up" if param == block.spec.w13_name else "down"
+                a, b = self.factors(path, layer)
                 joint.setdefault(block.name, {})[role] = self.experts_pair(owner, param, block, a, b)
                 continue
+            if module is None or not (
+                self.config.targets_module(owner) or self.config.targeted_parameters(owner, module)
+            ):
+                ignored += layer.keys
+                continue
+            a, b = self.factors(path, layer)
             if depth:
                 raise self.unsupported(f"parameter wrappers on {owner} ({type(module).__name__})")
             self.classify_module(owner, module)
             linears[owner] = self.linear(owner, module, a, b)
+        if not (joint or legacy or linears):
+            raise self.error(
+                f"none of its LoRA weights is for a module its config targets in {type(self.model).__name__} "
+                f"({self.config.describe_targets()})"
+            )
+        if ignored:
+            self.warn_ignored(ignored)
         experts = {}
         for block_name in joint.keys() | legacy.keys():
             if block_name in joint and block_name in legacy:
@@ -492,6 +388,16 @@ class _Reader:
                 joint.get(block_name, {}), legacy.get(block_name, {}), self.block_of_name[block_name]
             )
         return AdapterLoRA(self.name, experts, linears)
+
+    def warn_ignored(self, keys: list[str]) -> None:
+        """Warns of weights PEFT does not load: of modules the config does not target or the model lacks."""
+        more = len(keys) - _KEYS_SHOWN
+        shown = ", ".join(keys[:_KEYS_SHOWN]) + (f" and {more} more" if more > 0 else "")
+        warnings.warn(
+            f"{self.where}: ignoring {len(keys)} weights of modules that its config does not target (or that "
+            f"{type(self.model).__name__} lacks), as PEFT ignores them: {shown}",
+            stacklevel=4,
+        )
 
     def experts_lora(self, joint: dict, legacy: dict, block: MoEBlock) -> ExpertsLoRA:
         pairs = joint or self.legacy_pairs(legacy, block)
@@ -512,8 +418,12 @@ class _Reader:
 def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock], sharding=None) -> AdapterLoRA:
     """Reads one PEFT LoRA adapter for ``model``, checking every key against the model.
 
+    Only the weights PEFT loads are read: those of modules the config targets (``target_modules``,
+    ``exclude_modules``, ``layers_to_transform``, ``target_parameters``, as PEFT matches them). Others
+    are ignored, as PEFT ignores them, with a warning naming them.
+
     Args:
-        name: the adapter's name, used in error messages.
+        name: the adapter's name (a non-empty ``str``), used in error messages.
         source: a PEFT adapter directory (``str`` or ``os.PathLike``) or a ``(state_dict, config)``
             pair, ``config`` a ``LoraConfig`` or its dict, ``state_dict`` keyed as PEFT saves it.
         model: the base model the adapter was trained on (patched or not).
@@ -526,14 +436,42 @@ def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock], sh
         ``B [E, out, r]`` in the op's layout, sliced by ``sharding``), ``linears`` maps
         ``nn.Linear`` names to ``LinearLoRA`` (``A [r, in]``, ``B [out, r]``); tensors on the CPU.
 
+    Every error names the adapter, and the directory (or the file in it) it was read from.
+
     Raises:
         NotImplementedError: an unsupported feature (DoRA, ``lora_bias``, embedding, lm_head,
             convolution or router targets, ``modules_to_save``, another PEFT type, ...).
-        ValueError: a key that matches no module, or shapes that do not match the model.
-        FileNotFoundError: a directory without ``adapter_config.json`` or ``adapter_model.safetensors``.
+        TypeError: ``name``, ``source``, the state dict, the config or one of its fields, or a tensor
+            of the wrong type (a config field is named with its value and what PEFT expects).
+        ValueError: an empty name; a config field's invalid value; a file that is not valid JSON or
+            safetensors (truncated, corrupt); a key that is not a LoRA weight; shapes or ranks that do
+            not match the model or the config; no weights for any targeted module.
+        FileNotFoundError: no such directory, or one without ``adapter_config.json`` or
+            ``adapter_model.safetensors``. OSError: a file that cannot be read.
     """
+    check_adapter_name(name)
+    path = None
     if isinstance(source, (str, os.PathLike)):
-        state_dict, config = open_adapter_files(source)
-    else:
+        path = os.fspath(source)
+        state_dict, config = open_adapter_files(path, name)
+    elif isinstance(source, (tuple, list)) and len(source) == 2:
         state_dict, config = source
-    return _Reader(name, _config_dict(config), model, blocks, sharding).read(state_dict)
+    else:
+        got = type(source).__name__
+        if isinstance(source, (tuple, list)):
+            got = f"a {got} of {len(source)}"
+        raise TypeError(
+            f"adapter {name!r}: source must be a PEFT adapter directory (str or os.PathLike) or a "
+            f"(state_dict, config) pair, got {got}"
+        )
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"adapter {name!r}: the state dict must be a mapping of key -> tensor, got {type(state_dict).__name__}"
+        )
+    if isinstance(config, Mapping):
+        config = dict(config)
+    elif hasattr(config, "to_dict"):
+        config = config.to_dict()
+    else:
+        raise TypeError(f"adapter {name!r}: the config must be a LoraConfig or a dict, got {type(config).__name__}")
+    return _Reader(name, config, model, blocks, sharding, path).read(state_dict)
