@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .adapters import AdapterLoRA, read_adapter
+from .adapters import AdapterLoRA, check_adapter_name, read_adapter
 from .linear import MultiLoRALinear, RowSlots
 from .lora import ExpertLoRASlots
 from .models import ExpertsSpec, MoEBlock, find_moe_blocks, whole_block_forward
@@ -79,7 +79,10 @@ def _check_rank(adapter: AdapterLoRA, max_rank: int, joined: bool = False) -> No
         if joined
         else ""
     )
-    raise ValueError(f"adapter {adapter.name!r}: rank {adapter.rank}{how} > the tables' max_rank {max_rank}")
+    raise ValueError(
+        f"adapter {adapter.name!r}: rank {adapter.rank}{how} > the tables' max_rank {max_rank} (every slot is "
+        "padded to max_rank; give patch_model a max_rank as large as the largest adapter you will load)"
+    )
 
 
 class MoELoRAModel:
@@ -257,6 +260,7 @@ class MoELoRAModel:
             ValueError: the name is taken, every slot is used, the rank exceeds ``max_rank``, or the
                 adapter does not fit the model. NotImplementedError: an unsupported PEFT feature.
         """
+        check_adapter_name(name)
         with self._lock:
             if name in self._slot_of:
                 raise ValueError(f"adapter {name!r} is already loaded (slot {self._slot_of[name]})")
@@ -408,8 +412,11 @@ def patch_model(
         model: a transformers MoE model of a family in ``models.FAMILIES`` (any dtype and device).
         loras: adapter name -> PEFT adapter directory or ``(state_dict, config)`` pair; loaded into
             slots ``0, 1, ...`` in order.
-        max_loras: slots per layer; defaults to ``len(loras)``.
-        max_rank: the largest rank the tables hold; defaults to the largest adapter rank.
+        max_loras: slots per layer; defaults to ``len(loras)``. Give more to load adapters later.
+        max_rank: the largest rank the tables hold; defaults to the largest rank in ``loras``. Every
+            slot is padded to it, so it and ``max_loras`` set the memory of the tables (per MoE
+            layer ``max_loras * E * max_rank * (2H + 3I)`` elements, per wrapped linear
+            ``max_loras * max_rank * (in + out)``), and an adapter loaded later must fit it.
         process_group: a ``torch.distributed`` group over which to split the routed experts (every
             rank calls ``patch_model`` with the same model and adapters); None runs unsplit.
         parallelism: with a group, ``"tensor"`` (each rank keeps ``I / world`` intermediate columns
@@ -422,9 +429,18 @@ def patch_model(
 
     Raises:
         NotImplementedError: no supported MoE block; unsupported adapter features.
+        TypeError: ``loras`` not a mapping, a name not a str, ``max_loras``/``max_rank`` not
+            positive ints.
         ValueError: adapters that do not fit the model or the tables; a block that does not split
             evenly over the group.
     """
+    if not isinstance(loras, Mapping):
+        raise TypeError(f"patch_model: loras must be a mapping of adapter name -> source, got {type(loras).__name__}")
+    for name, value in (("max_loras", max_loras), ("max_rank", max_rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise TypeError(f"patch_model: {name} must be a positive int or None, got {value!r}")
+    for name in loras:
+        check_adapter_name(name)
     blocks = find_moe_blocks(model)
     sharding = None if process_group is None else ExpertSharding.create(process_group, parallelism)
     if sharding is not None:
