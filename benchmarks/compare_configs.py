@@ -3,16 +3,16 @@
 For one model shape, every token count and rank (0: no LoRA), both configs run the whole op
 (CUDA-graph replay over rotated inputs, as ``bench_fused_experts.py``), alternately twice each;
 the faster of each pair of medians is printed with the ratio, and the outputs' largest difference.
-Keys are ``name=value`` with a JSON value; a dotted name reaches into a kernel's tiles.
+Keys are ``name=value`` with a JSON value, names as in ``torch_moe_lora.configs.LaunchConfig``; a
+dotted name reaches into a kernel's tiles.
 
     python benchmarks/compare_configs.py --shape qwen3_30b_a3b --set pdl=false
-    python benchmarks/compare_configs.py --shape qwen3_30b_a3b --set fuse_shrink_max_rank=256 gate_up.block_n=32
+    python benchmarks/compare_configs.py --shape qwen3_30b_a3b --set pair_blocks=true gate_up.block_n=32
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -23,20 +23,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_fused_experts import SHAPES  # noqa: E402
 from common import random_lora, random_routing, time_graph, token_mapping  # noqa: E402
 
-from torch_moe_lora.configs import get_config  # noqa: E402
+from torch_moe_lora.configs import LaunchConfig, get_config  # noqa: E402
+from torch_moe_lora.ops.fused_experts import ExpertOptions  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
 
 
-def with_changes(config: dict, changes: list[str]) -> dict:
-    config = copy.deepcopy(config)
+def with_changes(config: LaunchConfig, changes: list[str]) -> LaunchConfig:
+    """``config`` with each ``name=JSON`` of ``changes`` set (``part.name`` inside a kernel's tiles)."""
+    data = config.to_dict()
     for change in changes:
         name, _, value = change.partition("=")
         *path, key = name.split(".")
-        target = config
+        target = data
         for part in path:
-            target = target[part]
+            target = target.setdefault(part, {})
         target[key] = json.loads(value)
-    return config
+    return LaunchConfig.from_dict(data, f"--set {' '.join(changes)}")
 
 
 def compare(shape, num_tokens, rank, changes, scenario, rotations=3) -> str:
@@ -44,7 +46,7 @@ def compare(shape, num_tokens, rank, changes, scenario, rotations=3) -> str:
     dtype = torch.bfloat16
     w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda") * hidden**-0.5
     w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device="cuda") * inter**-0.5
-    lora = random_lora(16, num_experts, hidden, inter, rank, dtype) if rank else (None,) * 6
+    lora = random_lora(16, num_experts, hidden, inter, rank, dtype) if rank else None
     inputs = [
         (
             torch.randn(num_tokens, hidden, dtype=dtype, device="cuda"),
@@ -58,7 +60,7 @@ def compare(shape, num_tokens, rank, changes, scenario, rotations=3) -> str:
 
     def call(i, config):
         return fused_experts_triton(
-            i[0], i[1], i[2], w13, w2, None, None, i[3], *lora, "silu", True, False, 1.702, 7.0, False, config=config
+            i[0], i[1], i[2], w13, w2, token_lora=i[3], lora=lora, options=ExpertOptions(), config=config
         )
 
     diff = (call(inputs[0], tuned).float() - call(inputs[0], changed).float()).abs().max().item()

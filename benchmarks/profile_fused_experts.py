@@ -22,6 +22,7 @@ from common import random_lora, random_routing, token_mapping  # noqa: E402
 from compare_configs import with_changes  # noqa: E402
 
 from torch_moe_lora.configs import get_config  # noqa: E402
+from torch_moe_lora.ops.fused_experts import ExpertOptions  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
 
 
@@ -62,11 +63,11 @@ def main():
             config = with_changes(
                 get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens), args.changes
             )
-            for label, token_lora in (("LoRA", mapping), ("no LoRA", None)):
+            for label, token_lora, table in (("LoRA", mapping, lora), ("no LoRA", None, None)):
                 times = kernel_times(
                     lambda: fused_experts_triton(
-                        x, ids, weights, w13, w2, None, None, token_lora, *lora,
-                        "silu", True, False, 1.702, 7.0, False, config=config,
+                        x, ids, weights, w13, w2, token_lora=token_lora, lora=table, options=ExpertOptions(),
+                        config=config,
                     )  # fmt: skip
                 )
                 total = sum(times.values())

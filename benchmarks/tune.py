@@ -3,15 +3,14 @@
 For every model shape and token bucket it searches, one part at a time (block_m, then the gate_up
 tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA (rank 16, tokens
 spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. For decode
-buckets it then decides, where there is at most one pair per expert on average, whether skipping
-the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64; times the
-shrink fused into the GEMM kernels against the separate shrink launches at rank 16, 64 and 128 and
-records the largest rank up to which fusing wins (``fuse_shrink_max_rank``, 0: never); and decides
-whether the top-k sum inside the down kernel (``fuse_sum``) wins. Other buckets decide whether the
-expert weight tiles are read through tensor descriptors (``tma``). Every bucket also decides the
-shrink's sub-block rows and programs per sub-block (``shrink_layout``). ``--decisions-only``
-redoes only these decisions (or those named by ``--decide``) for the given buckets, keeping their
-tiles. Buckets merge into the shape's entry of an existing file.
+buckets where there is at most one pair per expert on average it then decides whether skipping
+the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64. Other buckets
+decide whether the expert weight tiles are read through tensor descriptors (``tma``). Every bucket
+also decides the shrink's sub-block rows and programs per sub-block (``shrink_layout``).
+``--decisions-only`` redoes only these decisions (or those named by ``--decide``) for the given
+buckets, keeping their tiles. Buckets merge into the shape's entry of an existing file, written in
+the ``LaunchConfig`` format (keys at their defaults left out); the time of each bucket's best tiles
+merges into ``benchmarks/results/<gpu>/tuned_config_timings.json``.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
 """
@@ -19,7 +18,7 @@ tiles. Buckets merge into the shape's entry of an existing file.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import itertools
 import json
 import sys
@@ -33,15 +32,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_fused_experts import SHAPES, TOKENS  # noqa: E402
 from common import random_lora, random_routing, time_graph, token_mapping  # noqa: E402
 
-from torch_moe_lora.configs import device_file_name, get_config, shape_key  # noqa: E402
+from torch_moe_lora.configs import LaunchConfig, device_file_name, get_config, shape_key  # noqa: E402
+from torch_moe_lora.ops.fused_experts import ExpertOptions  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
 
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
 SHRINK_CHOICES = dict(block_k=(64, 128, 256), num_stages=(2, 3, 4))
 WIN_MARGIN = 0.02
-"""A decode variant (fused shrink, pair blocks) must win by this fraction: smaller wins are within
-run-to-run noise."""
+"""A decode variant (pair blocks) or a shrink layout must win by this fraction: smaller wins are
+within run-to-run noise."""
+TIMINGS_FILE = "tuned_config_timings.json"
 
 
 def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
@@ -63,10 +64,10 @@ def make_runner(shape, num_tokens, rank=16, adapters=4, dtype=torch.bfloat16, ro
         x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
         inputs.append((x, *random_routing(num_tokens, num_experts, top_k), token_mapping(num_tokens, f"uniform{adapters}", 16)))
 
-    def run(config) -> float:
+    def run(config: LaunchConfig) -> float:
         calls = [
             lambda i=i: fused_experts_triton(
-                i[0], i[1], i[2], w13, w2, None, None, i[3], *lora, "silu", True, False, 1.702, 7.0, False, config=config
+                i[0], i[1], i[2], w13, w2, token_lora=i[3], lora=lora, options=ExpertOptions(), config=config
             )
             for i in inputs
         ]
@@ -75,14 +76,15 @@ def make_runner(shape, num_tokens, rank=16, adapters=4, dtype=torch.bfloat16, ro
     return run
 
 
-def best_of(run, base, part, candidates, log):
+def best_of(run, base: LaunchConfig, part, candidates, log):
+    """The fastest of ``base`` with each of ``candidates`` set (in the tiles ``part``, or at the top
+    level where ``part`` is None), and its time."""
     best_ms, best = float("inf"), base
     for values in candidates:
-        config = copy.deepcopy(base)
         if part is None:
-            config.update(values)
+            config = dataclasses.replace(base, **values)
         else:
-            config[part].update(values)
+            config = dataclasses.replace(base, **{part: dataclasses.replace(getattr(base, part), **values)})
         try:
             ms = run(config)
         except (OutOfResources, CompilationError) as error:
@@ -99,26 +101,6 @@ def grid(choices: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(choices[k] for k in keys))]
 
 
-def fused_shrink_max_rank(shape, num_tokens, config, log, ranks=(16, 64, 128)) -> int:
-    """The largest of ``ranks`` up to which the shrink fused into the GEMMs beats separate launches
-    by at least ``WIN_MARGIN``."""
-    best = 0
-    for rank in ranks:
-        run = make_runner(shape, num_tokens, rank=rank)
-        try:
-            separate, fused = alternate(run, {**config, "fuse_shrink_max_rank": 0}, {**config, "fuse_shrink_max_rank": rank})
-        except (OutOfResources, CompilationError) as error:
-            log(f"    rank {rank}: fused shrink skipped: {type(error).__name__}")
-            break
-        finally:
-            del run
-        log(f"    rank {rank}: shrink fused {fused:.4f} ms, separate {separate:.4f} ms")
-        if fused >= separate * (1 - WIN_MARGIN):
-            break
-        best = rank
-    return best
-
-
 def alternate(run, a: dict, b: dict) -> tuple[float, float]:
     """Best of two timings each of configs ``a`` and ``b``, run alternately (one pair is noisy)."""
     ms_a, ms_b = float("inf"), float("inf")
@@ -132,7 +114,8 @@ def on_off_timings(shape, num_tokens, config, key, log, ranks):
     with ``key`` off and on, run alternately, logged."""
     for rank in ranks:
         run = make_runner(shape, num_tokens, rank=rank)
-        off_ms, on_ms = alternate(run, {**config, key: False}, {**config, key: True})
+        off, on = (dataclasses.replace(config, **{key: value}) for value in (False, True))
+        off_ms, on_ms = alternate(run, off, on)
         del run
         log(f"    rank {rank}: {key} {on_ms:.4f} ms, without {off_ms:.4f} ms")
         yield off_ms, on_ms
@@ -155,31 +138,26 @@ def faster_in_total(shape, num_tokens, config, key, log, ranks=(16, 64)) -> bool
     return on_ms < off_ms
 
 
-DECISIONS = ("fuse_shrink_max_rank", "pair_blocks", "fuse_sum")
-
-
-def shrink_layout(shape, num_tokens, config, log) -> dict:
+def shrink_layout(shape, num_tokens, config: LaunchConfig, log) -> LaunchConfig:
     """``config`` with the shrink's sub-block rows (``sub_m``) and programs per sub-block
     (``shrink.slot_programs``) chosen: of the layouts that beat the default (16 rows, one program
     per slot a sub-block can hold) by ``WIN_MARGIN`` with 16 adapters at rank 64, where sub-blocks
     hold several slots, the fastest there that loses at most ``WIN_MARGIN`` with 4 adapters at
     rank 16."""
-    base = copy.deepcopy(config)
-    base.pop("sub_m", None)
-    base["shrink"].pop("slot_programs", None)
+    base = dataclasses.replace(config, sub_m=16, shrink=dataclasses.replace(config.shrink, slot_programs=None))
     layouts = [dict(slot_programs=4), dict(slot_programs=1)]
     for sub_m in (32, 64):
-        if base["block_m"] % sub_m == 0 and not base.get("pair_blocks"):
+        if base.block_m % sub_m == 0 and not base.pair_blocks:
             layouts += [dict(sub_m=sub_m), dict(sub_m=sub_m, slot_programs=1)]
     many = make_runner(shape, num_tokens, rank=64, adapters=16)
     few = make_runner(shape, num_tokens, rank=16, adapters=4)
     best, best_ms = base, None
     for layout in layouts:
-        changed = copy.deepcopy(base)
-        if "sub_m" in layout:
-            changed["sub_m"] = layout["sub_m"]
-        if "slot_programs" in layout:
-            changed["shrink"]["slot_programs"] = layout["slot_programs"]
+        changed = dataclasses.replace(
+            base,
+            sub_m=layout.get("sub_m", base.sub_m),
+            shrink=dataclasses.replace(base.shrink, slot_programs=layout.get("slot_programs")),
+        )
         default_ms, changed_ms = alternate(many, base, changed)
         log(f"    16 adapters, rank 64: shrink {layout} {changed_ms:.4f} ms, default {default_ms:.4f} ms")
         if changed_ms >= default_ms * (1 - WIN_MARGIN) or (best_ms is not None and changed_ms >= best_ms):
@@ -191,19 +169,16 @@ def shrink_layout(shape, num_tokens, config, log) -> dict:
     return best
 
 
-def decode_decisions(shape, num_tokens, config, log) -> dict:
-    """``config`` with (at most one pair per expert) ``pair_blocks``, ``fuse_shrink_max_rank`` and
-    ``fuse_sum`` decided, in this order: the fused shrink's worth depends on the block order."""
+def decode_decisions(shape, num_tokens, config: LaunchConfig, log) -> LaunchConfig:
+    """``config`` with ``pair_blocks`` decided where there is at most one pair per expert (else off)."""
     hidden, inter, num_experts, top_k = shape
-    config = {key: value for key, value in config.items() if key not in DECISIONS}
+    config = dataclasses.replace(config, pair_blocks=False)
     if num_tokens * top_k <= num_experts:
-        config["pair_blocks"] = switch_wins(shape, num_tokens, config, "pair_blocks", log)
-    config["fuse_shrink_max_rank"] = fused_shrink_max_rank(shape, num_tokens, config, log)
-    config["fuse_sum"] = switch_wins(shape, num_tokens, config, "fuse_sum", log)
+        config = dataclasses.replace(config, pair_blocks=switch_wins(shape, num_tokens, config, "pair_blocks", log))
     return config
 
 
-def decide(shape, num_tokens, config, log, which=("shrink_layout", "decode", "tma")) -> dict:
+def decide(shape, num_tokens, config: LaunchConfig, log, which=("shrink_layout", "decode", "tma")) -> LaunchConfig:
     """``config`` with the decisions named in ``which`` taken: ``shrink_layout`` for every bucket,
     ``decode`` (``decode_decisions``) for decode buckets, ``tma`` (weight tiles through tensor
     descriptors, ``faster_in_total``) for the others."""
@@ -214,15 +189,16 @@ def decide(shape, num_tokens, config, log, which=("shrink_layout", "decode", "tm
     if decode and "decode" in which:
         config = decode_decisions(shape, num_tokens, config, log)
     if not decode and "tma" in which:
-        config = {**config, "tma": faster_in_total(shape, num_tokens, config, "tma", log)}
+        config = dataclasses.replace(config, tma=faster_in_total(shape, num_tokens, config, "tma", log))
     return config
 
 
 def tune_shape(shape, tokens, log, decisions_only=False, which=("shrink_layout", "decode", "tma")):
-    """Tuned buckets of one shape. ``decisions_only`` keeps each bucket's tiles from the current
-    config and only takes the decisions named in ``which`` again (see ``decide``)."""
+    """Tuned buckets of one shape, and the milliseconds of each bucket's best tiles (timed before the
+    decisions). ``decisions_only`` keeps each bucket's tiles from the current config and only takes
+    the decisions named in ``which`` again (see ``decide``); it times no tiles."""
     hidden, inter, num_experts, top_k = shape
-    buckets = {}
+    buckets, timings = {}, {}
     for num_tokens in tokens:
         if decisions_only:
             config = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens)
@@ -230,7 +206,7 @@ def tune_shape(shape, tokens, log, decisions_only=False, which=("shrink_layout",
             buckets[str(num_tokens)] = decide(shape, num_tokens, config, log, which)
             continue
         run = make_runner(shape, num_tokens)
-        config = copy.deepcopy(get_config(None, num_experts, hidden, inter, top_k, num_tokens))
+        config = get_config(None, num_experts, hidden, inter, top_k, num_tokens)
         log(f"  T={num_tokens}: default {run(config):.4f} ms")
         config, _ = best_of(
             run, config, None, [dict(block_m=m) for m in block_m_choices(num_tokens, top_k, num_experts)], log
@@ -239,11 +215,11 @@ def tune_shape(shape, tokens, log, decisions_only=False, which=("shrink_layout",
         config, _ = best_of(run, config, "gate_up", tiles, log)
         config, _ = best_of(run, config, "down", tiles, log)
         config, ms = best_of(run, config, "shrink", grid(SHRINK_CHOICES), log)
-        config["_ms"] = round(ms, 5)
+        timings[str(num_tokens)] = round(ms, 5)
         del run
         buckets[str(num_tokens)] = decide(shape, num_tokens, config, log)
         torch.cuda.empty_cache()
-    return buckets
+    return buckets, timings
 
 
 def main():
@@ -251,8 +227,10 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=Path("torch_moe_lora/configs"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results", help="where timings go")
     parser.add_argument(
-        "--decisions-only", action="store_true", help="keep the tiles, take only the decisions again (shrink layout; fused shrink, pair blocks, fused sum at decode; tma otherwise)"
+        "--decisions-only", action="store_true",
+        help="keep the tiles, take only the decisions again (shrink layout; pair blocks at decode; tma otherwise)",
     )
     parser.add_argument(
         "--decide", nargs="+", default=["shrink_layout", "decode", "tma"], choices=["shrink_layout", "decode", "tma"],
@@ -262,7 +240,14 @@ def main():
     device = torch.cuda.get_device_name()
     path = args.out / device_file_name(device)
     tuned = json.loads(path.read_text()) if path.exists() else {}
-    tuned["_doc"] = f"Tuned on {device} by benchmarks/tune.py; keys: shape, then token bucket."
+    timings_path = args.results / Path(device_file_name(device)).stem / TIMINGS_FILE
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings.update(
+        device=device,
+        what="milliseconds per call of each tuned bucket's best tiles, timed by benchmarks/tune.py before its switch "
+        "decisions (bf16, LoRA rank 16, tokens over 4 adapters, CUDA-graph replay over rotated inputs), by shape "
+        "and token bucket",
+    )
     for name in args.shapes:
         shape = SHAPES[name]
         print(f"{name} {shape}", flush=True)
@@ -271,12 +256,19 @@ def main():
             # A shape without tuned tiles takes default.json's, which are chosen by rows per
             # expert: seed every token bucket with them, so that token counts between the buckets
             # taken here keep the default's choice.
-            tuned[key] = {str(t): get_config(None, shape[2], shape[0], shape[1], shape[3], t) for t in TOKENS}
+            tuned[key] = {str(t): get_config(None, shape[2], shape[0], shape[1], shape[3], t).to_dict() for t in TOKENS}
+        configs, ms = tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only, args.decide)
         buckets = tuned.setdefault(key, {})
-        buckets.update(tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only, args.decide))
+        buckets.update({bucket: config.to_dict() for bucket, config in configs.items()})
         tuned[key] = dict(sorted(buckets.items(), key=lambda b: int(b[0])))
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(tuned, indent=1))
+        path.write_text(json.dumps(tuned, indent=1) + "\n")
+        if ms:
+            shape_ms = timings.setdefault("ms", {}).setdefault(key, {})
+            shape_ms.update(ms)
+            timings["ms"][key] = dict(sorted(shape_ms.items(), key=lambda b: int(b[0])))
+            timings_path.parent.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=1) + "\n")
     print(f"wrote {path}")
 
 

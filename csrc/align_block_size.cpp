@@ -2,9 +2,9 @@
 //
 // A stable counting sort of the flattened (token, k) pairs by group key
 // expert * slots_per_expert + slot', where slot' is the adapter slot, or max_loras for slot -1
-// (kept last when pads are per expert, dropped when they are per adapter). Pairs keep their
-// flattened order inside a group, so the output equals align_block_size_ref exactly. The layout
-// of the outputs is described at the top of align_block_size_cuda.cu.
+// (kept last). Pairs keep their flattened order inside a group, so the output equals
+// align_block_size_ref exactly. The layout of the outputs is described at the top of
+// align_block_size_cuda.cu.
 #include "align_block_size.h"
 
 #include <ATen/ATen.h>
@@ -47,10 +47,8 @@ void align_block_size_cpu_kernel(
     int64_t num_experts,
     int64_t max_loras,
     int64_t block_size,
-    bool pad_per_adapter,
     int32_t* sorted_pair_ids,
     int32_t* expert_of_block,
-    int32_t* lora_of_block,
     int32_t* num_blocks) {
   const int64_t num_pairs = shape.num_pairs;
   const int64_t slots_per_expert = shape.slots_per_expert;
@@ -61,10 +59,7 @@ void align_block_size_cpu_kernel(
       return -1;
     }
     const int64_t slot = token_lora == nullptr ? -1 : static_cast<int64_t>(token_lora[pair / shape.top_k]);
-    if (slot >= 0) {
-      return expert * slots_per_expert + slot;
-    }
-    return pad_per_adapter ? -1 : expert * slots_per_expert + max_loras;
+    return expert * slots_per_expert + (slot >= 0 ? slot : max_loras);
   };
 
   std::vector<int64_t> group_offset(num_experts * slots_per_expert, 0);
@@ -75,38 +70,25 @@ void align_block_size_cpu_kernel(
     }
   }
 
-  // Turn counts into start positions and write the block metadata of each padded segment.
+  // Turn counts into start positions and write the expert of each block of an expert's padded segment.
   int64_t position = 0;
   int64_t block = 0;
-  auto emit_blocks = [&](int64_t padded_size, int64_t expert, int64_t slot) {
-    for (int64_t end = block + padded_size / block_size; block < end; ++block) {
-      expert_of_block[block] = static_cast<int32_t>(expert);
-      lora_of_block[block] = static_cast<int32_t>(slot);
-    }
-  };
   for (int64_t expert = 0; expert < num_experts; ++expert) {
     const int64_t expert_start = position;
     for (int64_t slot = 0; slot < slots_per_expert; ++slot) {
       int64_t& offset = group_offset[expert * slots_per_expert + slot];
       const int64_t count = offset;
       offset = position;
-      if (pad_per_adapter) {
-        const int64_t padded_size = round_up(count, block_size);
-        emit_blocks(padded_size, expert, slot);
-        position += padded_size;
-      } else {
-        position += count;
-      }
+      position += count;
     }
-    if (!pad_per_adapter) {
-      const int64_t padded_size = round_up(position - expert_start, block_size);
-      emit_blocks(padded_size, expert, -1);
-      position = expert_start + padded_size;
+    const int64_t padded_size = round_up(position - expert_start, block_size);
+    for (int64_t end = block + padded_size / block_size; block < end; ++block) {
+      expert_of_block[block] = static_cast<int32_t>(expert);
     }
+    position = expert_start + padded_size;
   }
   num_blocks[0] = static_cast<int32_t>(block);
   std::fill(expert_of_block + block, expert_of_block + shape.max_blocks, -1);
-  std::fill(lora_of_block + block, lora_of_block + shape.max_blocks, -1);
   std::fill(sorted_pair_ids, sorted_pair_ids + shape.max_blocks * block_size, static_cast<int32_t>(num_pairs));
 
   for (int64_t pair = 0; pair < num_pairs; ++pair) {
@@ -124,8 +106,7 @@ AlignBlockSizeShape check_align_block_size_args(
     const std::optional<at::Tensor>& token_lora,
     int64_t num_experts,
     int64_t max_loras,
-    int64_t block_size,
-    bool pad_per_adapter) {
+    int64_t block_size) {
   TORCH_CHECK(
       topk_ids.dim() == 2, "align_block_size: topk_ids must be 2-D [T, K], got ", topk_ids.dim(), "-D");
   TORCH_CHECK(topk_ids.size(1) >= 1, "align_block_size: topk_ids must have K >= 1 columns, got shape ",
@@ -149,13 +130,12 @@ AlignBlockSizeShape check_align_block_size_args(
   TORCH_CHECK(block_size >= 1 && block_size <= kInt32Max,
               "align_block_size: block_size must be in [1, 2^31), got ", block_size);
 
-  const int64_t slots_per_expert = pad_per_adapter ? max_loras : max_loras + 1;
+  const int64_t slots_per_expert = max_loras + 1;
   TORCH_CHECK(num_experts * (slots_per_expert + 1) <= kInt32Max,
               "align_block_size: num_experts * (max_loras + 1) = ", num_experts * (max_loras + 1),
               " groups is too many for int32 counters");
   const int64_t num_pairs = topk_ids.numel();
-  const int64_t num_groups = pad_per_adapter ? num_experts * max_loras : num_experts;
-  const int64_t max_blocks = (num_pairs + std::min(num_groups, num_pairs) * (block_size - 1)) / block_size;
+  const int64_t max_blocks = (num_pairs + std::min(num_experts, num_pairs) * (block_size - 1)) / block_size;
   TORCH_CHECK(num_pairs <= kInt32Max && max_blocks * block_size <= kInt32Max,
               "align_block_size: ", num_pairs, " pairs with block_size ", block_size,
               " need more than 2^31 - 1 sorted_pair_ids entries, which int32 outputs cannot index");
@@ -168,7 +148,7 @@ AlignBlockSizeOutputs empty_align_block_size_outputs(
     int64_t block_size) {
   const auto options = topk_ids.options().dtype(at::kInt);
   return {at::empty({shape.max_blocks * block_size}, options), at::empty({shape.max_blocks}, options),
-          at::empty({shape.max_blocks}, options), at::empty({1}, options)};
+          at::empty({1}, options)};
 }
 
 AlignBlockSizeOutputs align_block_size_cpu(
@@ -176,14 +156,13 @@ AlignBlockSizeOutputs align_block_size_cpu(
     const std::optional<at::Tensor>& token_lora,
     int64_t num_experts,
     int64_t max_loras,
-    int64_t block_size,
-    bool pad_per_adapter) {
+    int64_t block_size) {
   const AlignBlockSizeShape shape =
-      check_align_block_size_args(topk_ids, token_lora, num_experts, max_loras, block_size, pad_per_adapter);
+      check_align_block_size_args(topk_ids, token_lora, num_experts, max_loras, block_size);
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor slots = token_lora.has_value() ? token_lora->contiguous() : at::Tensor();
   auto outputs = empty_align_block_size_outputs(topk_ids, shape, block_size);
-  auto& [sorted_pair_ids, expert_of_block, lora_of_block, num_blocks] = outputs;
+  auto& [sorted_pair_ids, expert_of_block, num_blocks] = outputs;
 
   const at::ScalarType lora_type = slots.defined() ? slots.scalar_type() : at::kInt;
   dispatch_index_type(ids.scalar_type(), [&](auto id_value) {
@@ -195,9 +174,9 @@ AlignBlockSizeOutputs align_block_size_cpu(
         check_token_lora_values(slot_data, slots.numel(), max_loras);
       }
       align_block_size_cpu_kernel<id_t, lora_t>(
-          ids.const_data_ptr<id_t>(), slot_data, shape, num_experts, max_loras, block_size, pad_per_adapter,
+          ids.const_data_ptr<id_t>(), slot_data, shape, num_experts, max_loras, block_size,
           sorted_pair_ids.mutable_data_ptr<int32_t>(), expert_of_block.mutable_data_ptr<int32_t>(),
-          lora_of_block.mutable_data_ptr<int32_t>(), num_blocks.mutable_data_ptr<int32_t>());
+          num_blocks.mutable_data_ptr<int32_t>());
     });
   });
   return outputs;

@@ -10,14 +10,14 @@
 
 namespace moe_lora {
 
-// (sorted_pair_ids, expert_of_block, lora_of_block, num_blocks), all int32.
-using AlignBlockSizeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (sorted_pair_ids, expert_of_block, num_blocks), all int32.
+using AlignBlockSizeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Sizes every backend derives from its arguments alone (never from the values of topk_ids).
 struct AlignBlockSizeShape {
   int64_t num_pairs;         // N = T * K
   int64_t top_k;             // K
-  int64_t slots_per_expert;  // L with pad_per_adapter (slot -1 is dropped), else L + 1 (slot -1 last)
+  int64_t slots_per_expert;  // L + 1: the adapter slots, then slot -1
   int64_t max_blocks;        // static upper bound on the number of blocks
 };
 
@@ -28,10 +28,9 @@ AlignBlockSizeShape check_align_block_size_args(
     const std::optional<at::Tensor>& token_lora,
     int64_t num_experts,
     int64_t max_loras,
-    int64_t block_size,
-    bool pad_per_adapter);
+    int64_t block_size);
 
-// Allocates the four int32 outputs at their static sizes on topk_ids' device (uninitialised).
+// Allocates the three int32 outputs at their static sizes on topk_ids' device (uninitialised).
 AlignBlockSizeOutputs empty_align_block_size_outputs(
     const at::Tensor& topk_ids,
     const AlignBlockSizeShape& shape,
@@ -52,15 +51,13 @@ AlignBlockSizeOutputs align_block_size_cpu(
     const std::optional<at::Tensor>& token_lora,
     int64_t num_experts,
     int64_t max_loras,
-    int64_t block_size,
-    bool pad_per_adapter);
+    int64_t block_size);
 
 AlignBlockSizeOutputs align_block_size_cuda(
     const at::Tensor& topk_ids,
     const std::optional<at::Tensor>& token_lora,
     int64_t num_experts,
     int64_t max_loras,
-    int64_t block_size,
-    bool pad_per_adapter);
+    int64_t block_size);
 
 }  // namespace moe_lora

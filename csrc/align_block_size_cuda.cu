@@ -2,19 +2,17 @@
 //
 // What the op computes (align_block_size_ref in torch_moe_lora/reference.py is the definition):
 // the N = T * K flattened (token, k) pairs, pair = t * K + k, are grouped by expert and adapter
-// slot, and every group is padded to a multiple of block_size so that each block of block_size
-// entries belongs to one expert (and, with pad_per_adapter, one slot).
+// slot, and every expert's pairs are padded to a multiple of block_size so that each block of
+// block_size entries belongs to one expert.
 //   * Groups are visited expert by expert. A pair's group key is
-//     expert * slots_per_expert + slot', where slot' is token_lora[t], or max_loras for slot -1.
-//   * pad_per_adapter: slots_per_expert = L = max_loras. Each nonempty (expert, slot) group is
-//     padded on its own; pairs with slot -1 are dropped; lora_of_block is the slot.
-//   * otherwise: slots_per_expert = L + 1. An expert's slots are laid out back to back (slot -1
-//     last) and only the expert's total is padded; lora_of_block is -1.
+//     expert * slots_per_expert + slot', where slot' is token_lora[t], or max_loras for slot -1;
+//     slots_per_expert = L + 1 (L = max_loras). An expert's slots are laid out back to back
+//     (slot -1 last) and only the expert's total is padded.
 //   * Pairs with an expert id outside [0, E) are dropped. Padding entries hold N.
-// Outputs have static sizes (CUDA graphs, torch.compile): with G = E * L or E groups,
-// max_blocks = (N + min(G, N) * (block_size - 1)) // block_size, sorted_pair_ids
-// [max_blocks * block_size], expert_of_block [max_blocks], lora_of_block [max_blocks],
-// num_blocks [1]; past the num_blocks valid blocks they hold N, -1 and -1.
+// Outputs have static sizes (CUDA graphs, torch.compile):
+// max_blocks = (N + min(E, N) * (block_size - 1)) // block_size, sorted_pair_ids
+// [max_blocks * block_size], expert_of_block [max_blocks], num_blocks [1]; past the num_blocks
+// valid blocks they hold N and -1.
 //
 // Kernels (no host synchronisation). Up to kSingleBlockMaxPairs pairs (decode): one launch of
 // one thread block of kThreads threads, phases 1-5 below. Beyond that, three launches: zeroed
@@ -30,9 +28,8 @@
 //   3. each thread takes a contiguous chunk of experts, computes their padded sizes, and a
 //      cub::BlockScan over the chunk sums gives every expert's start; the thread then turns its
 //      experts' group counts into group start offsets; thread 0 writes num_blocks;
-//   4. one thread per block index finds its expert (and slot) by binary search over the start
-//      offsets and writes the block metadata (-1 past the valid blocks); sorted_pair_ids is
-//      filled with N;
+//   4. one thread per block index finds its expert by binary search over the start offsets and
+//      writes it (-1 past the valid blocks); sorted_pair_ids is filled with N;
 //   5. scatter: each pair takes the next position of its group with atomicAdd.
 // Because of the atomics in phase 5, the order of the pairs within a group is not deterministic
 // on CUDA (the CPU kernel keeps the flattened order); the set of pairs of each group, the padding
@@ -73,7 +70,6 @@ struct AlignParams {
   int32_t slots_per_expert;
   int32_t block_size;
   int32_t max_blocks;
-  bool pad_per_adapter;
 };
 
 __device__ __forceinline__ int32_t round_up(int32_t value, int32_t multiple) {
@@ -102,9 +98,6 @@ __device__ __forceinline__ int32_t group_key(
     return -1;
   }
   if (slot < 0) {
-    if (params.pad_per_adapter) {
-      return -1;
-    }
     slot = params.max_loras;
   }
   return static_cast<int32_t>(expert * params.slots_per_expert + slot);
@@ -162,11 +155,9 @@ __device__ __forceinline__ int32_t counts_to_offsets(
     const int32_t* counts = group_offset + expert * params.slots_per_expert;
     int32_t expert_size = 0;
     for (int32_t slot = 0; slot < params.slots_per_expert; ++slot) {
-      expert_size += params.pad_per_adapter ? round_up(counts[slot], params.block_size) : counts[slot];
+      expert_size += counts[slot];
     }
-    if (!params.pad_per_adapter) {
-      expert_size = round_up(expert_size, params.block_size);
-    }
+    expert_size = round_up(expert_size, params.block_size);
     expert_offset[expert] = expert_size;
     chunk_size += expert_size;
   }
@@ -181,7 +172,7 @@ __device__ __forceinline__ int32_t counts_to_offsets(
     for (int32_t slot = 0; slot < params.slots_per_expert; ++slot) {
       const int32_t count = offsets[slot];
       offsets[slot] = position;
-      position += params.pad_per_adapter ? round_up(count, params.block_size) : count;
+      position += count;
     }
     expert_start += expert_size;
   }
@@ -192,27 +183,20 @@ __device__ __forceinline__ int32_t counts_to_offsets(
   return total_size;
 }
 
-// Phase 4a: one thread per block index finds its expert (and slot) by binary search over the
-// start offsets; -1 past the valid blocks.
+// Phase 4a: one thread per block index finds its expert by binary search over the experts' start
+// offsets; -1 past the valid blocks.
 __device__ __forceinline__ void write_block_metadata(
     const AlignParams& params,
-    const int32_t* group_offset,
     const int32_t* expert_offset,
     int32_t total_size,
-    int32_t* __restrict__ expert_of_block,
-    int32_t* __restrict__ lora_of_block) {
+    int32_t* __restrict__ expert_of_block) {
   for (int32_t block = threadIdx.x; block < params.max_blocks; block += kThreads) {
     const int64_t position = static_cast<int64_t>(block) * params.block_size;
     int32_t expert = -1;
-    int32_t slot = -1;
     if (position < total_size) {
       expert = segment_at(expert_offset, params.num_experts, position);
-      if (params.pad_per_adapter) {
-        slot = segment_at(group_offset + expert * params.slots_per_expert, params.max_loras, position);
-      }
     }
     expert_of_block[block] = expert;
-    lora_of_block[block] = slot;
   }
 }
 
@@ -251,7 +235,6 @@ __global__ void __launch_bounds__(kThreads) align_single_block_kernel(
     const AlignParams params,
     int32_t* __restrict__ sorted_pair_ids,
     int32_t* __restrict__ expert_of_block,
-    int32_t* __restrict__ lora_of_block,
     int32_t* __restrict__ num_blocks,
     int32_t* global_counters) {
   __shared__ typename cub::BlockScan<int32_t, kThreads>::TempStorage scan_storage;
@@ -266,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) align_single_block_kernel(
   count_pairs(topk_ids, token_lora, params, group_offset, threadIdx.x, kThreads);
   __syncthreads();
   const int32_t total_size = counts_to_offsets(params, group_offset, expert_offset, num_blocks, scan_storage);
-  write_block_metadata(params, group_offset, expert_offset, total_size, expert_of_block, lora_of_block);
+  write_block_metadata(params, expert_offset, total_size, expert_of_block);
   fill_padding(params, sorted_pair_ids, threadIdx.x, kThreads);
   __syncthreads();
   scatter_pairs(topk_ids, token_lora, params, group_offset, sorted_pair_ids, threadIdx.x, kThreads);
@@ -307,13 +290,12 @@ __global__ void __launch_bounds__(kGridThreads) align_count_kernel(
 __global__ void __launch_bounds__(kThreads) align_offsets_kernel(
     const AlignParams params,
     int32_t* __restrict__ expert_of_block,
-    int32_t* __restrict__ lora_of_block,
     int32_t* __restrict__ num_blocks,
     int32_t* counters) {
   __shared__ typename cub::BlockScan<int32_t, kThreads>::TempStorage scan_storage;
   int32_t* const expert_offset = counters + params.num_experts * params.slots_per_expert;
   const int32_t total_size = counts_to_offsets(params, counters, expert_offset, num_blocks, scan_storage);
-  write_block_metadata(params, counters, expert_offset, total_size, expert_of_block, lora_of_block);
+  write_block_metadata(params, expert_offset, total_size, expert_of_block);
 }
 
 // Launch 3 of 3: the scatter, over a grid.
@@ -353,7 +335,7 @@ void launch_align_block_size(
     const at::Tensor& token_lora,
     const AlignParams& params,
     AlignBlockSizeOutputs& outputs) {
-  auto& [sorted_pair_ids, expert_of_block, lora_of_block, num_blocks] = outputs;
+  auto& [sorted_pair_ids, expert_of_block, num_blocks] = outputs;
   const id_t* id_data = topk_ids.const_data_ptr<id_t>();
   const lora_t* slot_data = token_lora.defined() ? token_lora.const_data_ptr<lora_t>() : nullptr;
   const int64_t num_groups = static_cast<int64_t>(params.num_experts) * params.slots_per_expert;
@@ -363,7 +345,6 @@ void launch_align_block_size(
   const DeviceLimits limits = device_limits(c10::cuda::current_device());
   int32_t* sorted = sorted_pair_ids.mutable_data_ptr<int32_t>();
   int32_t* experts = expert_of_block.mutable_data_ptr<int32_t>();
-  int32_t* slots = lora_of_block.mutable_data_ptr<int32_t>();
   int32_t* blocks = num_blocks.mutable_data_ptr<int32_t>();
 
   if (params.num_pairs > kSingleBlockMaxPairs) {
@@ -380,7 +361,7 @@ void launch_align_block_size(
           id_data, slot_data, params, sorted, counter_data);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    align_offsets_kernel<<<1, kThreads, 0, stream>>>(params, experts, slots, blocks, counter_data);
+    align_offsets_kernel<<<1, kThreads, 0, stream>>>(params, experts, blocks, counter_data);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     align_scatter_kernel<id_t, lora_t><<<grid, kGridThreads, 0, stream>>>(
         id_data, slot_data, params, sorted, counter_data);
@@ -397,11 +378,11 @@ void launch_align_block_size(
           shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(counter_bytes)));
     }
     shared_kernel<<<1, kThreads, counter_bytes, stream>>>(
-        id_data, slot_data, params, sorted, experts, slots, blocks, nullptr);
+        id_data, slot_data, params, sorted, experts, blocks, nullptr);
   } else {
     const at::Tensor counters = at::empty({num_counters}, topk_ids.options().dtype(at::kInt));
     align_single_block_kernel<id_t, lora_t, false><<<1, kThreads, 0, stream>>>(
-        id_data, slot_data, params, sorted, experts, slots, blocks, counters.mutable_data_ptr<int32_t>());
+        id_data, slot_data, params, sorted, experts, blocks, counters.mutable_data_ptr<int32_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -413,10 +394,9 @@ AlignBlockSizeOutputs align_block_size_cuda(
     const std::optional<at::Tensor>& token_lora,
     int64_t num_experts,
     int64_t max_loras,
-    int64_t block_size,
-    bool pad_per_adapter) {
+    int64_t block_size) {
   const AlignBlockSizeShape shape =
-      check_align_block_size_args(topk_ids, token_lora, num_experts, max_loras, block_size, pad_per_adapter);
+      check_align_block_size_args(topk_ids, token_lora, num_experts, max_loras, block_size);
   const c10::cuda::CUDAGuard device_guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor slots = token_lora.has_value() ? token_lora->contiguous() : at::Tensor();
@@ -428,8 +408,7 @@ AlignBlockSizeOutputs align_block_size_cuda(
       static_cast<int32_t>(max_loras),
       static_cast<int32_t>(shape.slots_per_expert),
       static_cast<int32_t>(block_size),
-      static_cast<int32_t>(shape.max_blocks),
-      pad_per_adapter};
+      static_cast<int32_t>(shape.max_blocks)};
   const at::ScalarType lora_type = slots.defined() ? slots.scalar_type() : at::kInt;
   dispatch_index_type(ids.scalar_type(), [&](auto id_value) {
     dispatch_index_type(lora_type, [&](auto lora_value) {

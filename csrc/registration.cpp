@@ -25,9 +25,8 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY_FRAGMENT(moe_lora, m) {
   m.def(
-      "align_block_size(Tensor topk_ids, Tensor? token_lora, int num_experts, int max_loras, int block_size, "
-      "bool pad_per_adapter) -> (Tensor sorted_pair_ids, Tensor expert_of_block, Tensor lora_of_block, "
-      "Tensor num_blocks)");
+      "align_block_size(Tensor topk_ids, Tensor? token_lora, int num_experts, int max_loras, int block_size) "
+      "-> (Tensor sorted_pair_ids, Tensor expert_of_block, Tensor num_blocks)");
 }
 
 TORCH_LIBRARY_IMPL(moe_lora, CPU, m) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -131,3 +132,24 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_to
         out_of_range_ids=draw(st.booleans()),
         ranks=[draw(st.integers(1, R)) for _ in range(L)] if L else None,
     )
+
+
+# One adapter slot's table entries poisoned (slot index tensor v): NaN, Inf, overflowing scales.
+POISONS = {
+    "nan_gate_up_a": lambda w, v: w._replace(gate_up_a=w.gate_up_a.index_fill(0, v, float("nan"))),
+    "inf_gate_up_b": lambda w, v: w._replace(gate_up_b=w.gate_up_b.index_fill(0, v, float("inf"))),
+    "nan_down_a": lambda w, v: w._replace(down_a=w.down_a.index_fill(0, v, float("nan"))),
+    "inf_down_b": lambda w, v: w._replace(down_b=w.down_b.index_fill(0, v, float("-inf"))),
+    "overflowing_scales": lambda w, v: w._replace(
+        gate_up_scale=w.gate_up_scale.index_fill(0, v, 3e38), down_scale=w.down_scale.index_fill(0, v, 3e38)
+    ),
+}
+
+
+def assert_poison_stays_in_its_rows(run, problem, victim: int, poison: str):
+    clean = run(problem)
+    bad = dataclasses.replace(problem, lora=POISONS[poison](problem.lora, torch.tensor([victim], device=problem.x.device)))
+    poisoned = run(bad)
+    others = problem.token_lora != victim
+    assert torch.equal(poisoned[others], clean[others]), f"{poison} in slot {victim} reached other tokens"
+    assert torch.isfinite(poisoned[others]).all()

@@ -1,6 +1,7 @@
-"""Launches every CUDA align path and fused_experts calls (shrink separate and fused, sorted and
-pair blocks, top-k sum separate and in the down kernel, one shrink program per slot or per
-sub-block, weight tiles through pointers or tensor descriptors), for compute-sanitizer (GPU only).
+"""Launches every CUDA align path, fused_experts calls (sorted and pair blocks, one shrink program
+per slot or per sub-block, weight tiles through pointers or tensor descriptors) and add_lora_linear
+calls (one token per row and rows of several tokens, odd widths, slots without tokens), for
+compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -9,6 +10,7 @@ Exits non-zero if any output disagrees with the reference, so a clean sanitizer 
 code 0 together mean: no bad access, no shared-memory race, right answers.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from moe_problems import make_problem  # noqa: E402
 from test_align import assert_aligned  # noqa: E402
 
-from torch_moe_lora import fused_experts  # noqa: E402
+from torch_moe_lora import add_lora_linear, fused_experts, slot_segments  # noqa: E402
 from torch_moe_lora.ops.align import align_block_size  # noqa: E402
-from torch_moe_lora.ops.fused_experts import launch_config  # noqa: E402
+from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
-from torch_moe_lora.reference import align_block_size_ref, fused_experts_ref  # noqa: E402
+from torch_moe_lora.reference import align_block_size_ref, fused_experts_ref, lora_linear_ref  # noqa: E402
 
 ALIGN_CASES = {  # name: (T, K, E, L, block_size)
     "single block, shared counters": (64, 8, 128, 8, 16),
@@ -35,40 +37,34 @@ ALIGN_CASES = {  # name: (T, K, E, L, block_size)
 def check_align() -> None:
     gen = torch.Generator().manual_seed(0)
     for name, (T, K, E, L, block) in ALIGN_CASES.items():
-        for pad_per_adapter in (True, False):
-            ids = torch.randint(-1, E + 1, (T, K), generator=gen, dtype=torch.int32)
-            slots = torch.randint(-1, L, (T,), generator=gen, dtype=torch.int32)
-            outputs = align_block_size(ids.cuda(), slots.cuda(), E, L, block, pad_per_adapter=pad_per_adapter)
-            expected = align_block_size_ref(ids, slots, E, L, block, pad_per_adapter)
-            groups = E * L if pad_per_adapter else E
-            cpu = [t.cpu() for t in outputs]
-            assert_aligned(cpu, expected, num_pairs=ids.numel(), num_groups=groups, block_size=block, exact=False)
-            print(f"align ok: {name}, pad_per_adapter={pad_per_adapter}")
+        ids = torch.randint(-1, E + 1, (T, K), generator=gen, dtype=torch.int32)
+        slots = torch.randint(-1, L, (T,), generator=gen, dtype=torch.int32)
+        outputs = align_block_size(ids.cuda(), slots.cuda(), E, L, block)
+        expected = align_block_size_ref(ids, slots, E, L, block)
+        cpu = [t.cpu() for t in outputs]
+        assert_aligned(cpu, expected, num_pairs=ids.numel(), num_experts=E, block_size=block, exact=False)
+        print(f"align ok: {name}")
 
 
 def check_fused_experts() -> None:
-    """The op with its launch config, then the Triton path with the shrink fused into the GEMMs and
-    with pair blocks (no align op; shrink separate and fused), with the top-k sum in the down
-    kernel, and with the weight tiles read through tensor descriptors."""
+    """The op with its launch config, then the Triton path with pair blocks (no align op), with one
+    shrink program per sub-block, and with the weight tiles read through tensor descriptors."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
         results = {"launch config": fused_experts(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())}
         config = launch_config(p.x, p.topk_ids, p.w2)
         variants = {
-            "fused shrink": {"fuse_shrink_max_rank": 512},
-            "pair blocks": {"pair_blocks": True, "fuse_shrink_max_rank": 0},
-            "pair blocks, fused shrink": {"pair_blocks": True, "fuse_shrink_max_rank": 512},
-            "sum in down": {"fuse_sum": True, "fuse_shrink_max_rank": 0},
-            "one shrink program per sub-block": {"fuse_shrink_max_rank": 0, "shrink": {**config["shrink"], "slot_programs": 1}},
-            "pair blocks, fused shrink, sum in down": {"pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True},
-            "weights through tensor descriptors": {"tma": True, "fuse_shrink_max_rank": 0},
-            "pair blocks, weights through tensor descriptors": {"pair_blocks": True, "tma": True},
+            "pair blocks": dict(pair_blocks=True),
+            "one shrink program per sub-block": dict(shrink=dataclasses.replace(config.shrink, slot_programs=1)),
+            "weights through tensor descriptors": dict(tma=True),
+            "pair blocks, weights through tensor descriptors": dict(pair_blocks=True, tma=True),
         }
         for what, changes in variants.items():
             results[what] = fused_experts_triton(
-                p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, p.w13_bias, p.w2_bias, p.token_lora, *p.lora,
-                "silu", True, False, 1.702, 7.0, False, config={**config, **changes},
+                p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, w13_bias=p.w13_bias, w2_bias=p.w2_bias,
+                token_lora=p.token_lora, lora=p.lora, options=ExpertOptions(),
+                config=dataclasses.replace(config, **changes),
             )  # fmt: skip
         for what, result in results.items():
             rel = ((result.double() - ref).norm() / ref.norm()).item()
@@ -76,7 +72,27 @@ def check_fused_experts() -> None:
             print(f"fused_experts ok: T={T}, {what}, relative error {rel:.2e}")
 
 
+def check_lora_linear() -> None:
+    """Per-token LoRA on a linear: decode- and prefill-sized calls, rows of one and of several
+    tokens, ranks below a tile and above one, widths that are not multiples of a tile."""
+    gen = torch.Generator().manual_seed(1)
+    for rows, tokens_per_row, slots, rank, n_in, n_out in ((3, 1, 4, 16, 200, 136), (7, 100, 6, 20, 520, 1030)):
+        x = torch.randn(rows * tokens_per_row, n_in, generator=gen).half().cuda()
+        a = (torch.randn(slots, rank, n_in, generator=gen) * n_in**-0.5).half().cuda()
+        b = (torch.randn(slots, n_out, rank, generator=gen) * rank**-0.5).half().cuda()
+        scale = torch.rand(slots, generator=gen).cuda()
+        row_slot = torch.randint(-1, slots - 1, (rows,), generator=gen).cuda()  # the last slot has no rows
+        base = torch.randn(rows * tokens_per_row, n_out, generator=gen).half().cuda()
+        out = base.clone()
+        add_lora_linear(out, x, *slot_segments(row_slot, slots), a, b, scale)
+        ref = base.double() + lora_linear_ref(x, row_slot.repeat_interleave(tokens_per_row), a, b, scale)
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        assert rel < 5e-3, (rows, tokens_per_row, rel)
+        print(f"add_lora_linear ok: {rows} rows x {tokens_per_row} tokens, rank {rank}, relative error {rel:.2e}")
+
+
 if __name__ == "__main__":
     check_align()
     check_fused_experts()
+    check_lora_linear()
     torch.cuda.synchronize()

@@ -35,7 +35,6 @@ class AlignProblem:
     num_experts: int
     max_loras: int
     block_size: int
-    pad_per_adapter: bool
     used_experts: int  # the experts the tokens pick are drawn from this many (duplicates likely)
     invalid_fraction: float  # share of expert ids replaced by out-of-range ones (<0 or >=E)
     id_dtype: torch.dtype
@@ -58,7 +57,7 @@ class AlignProblem:
 
     def run(self, device: str):
         topk_ids, token_lora = self.inputs(device)
-        args = (topk_ids, token_lora, self.num_experts, self.max_loras, self.block_size, self.pad_per_adapter)
+        args = (topk_ids, token_lora, self.num_experts, self.max_loras, self.block_size)
         return align_block_size(*args), align_block_size_ref(*args)
 
 
@@ -72,7 +71,6 @@ def align_problems(draw) -> AlignProblem:
         num_experts=num_experts,
         max_loras=max_loras,
         block_size=draw(st.sampled_from(BLOCK_SIZES)),
-        pad_per_adapter=draw(st.booleans()),
         used_experts=draw(st.integers(1, num_experts)),
         invalid_fraction=draw(st.sampled_from([0.0, 0.1, 0.5])),
         id_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
@@ -81,39 +79,37 @@ def align_problems(draw) -> AlignProblem:
     )
 
 
-def valid_prefix(outputs, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def valid_prefix(outputs, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The used prefix of the op's outputs, int64 on CPU, laid out as ``align_block_size_ref`` returns it."""
-    sorted_pair_ids, expert_of_block, lora_of_block, num_blocks = (t.cpu().long() for t in outputs)
+    sorted_pair_ids, expert_of_block, num_blocks = (t.cpu().long() for t in outputs)
     count = int(num_blocks[0])
-    return sorted_pair_ids[: count * block_size], expert_of_block[:count], lora_of_block[:count]
+    return sorted_pair_ids[: count * block_size], expert_of_block[:count]
 
 
-def assert_aligned(outputs, expected, *, num_pairs: int, num_groups: int, block_size: int, exact: bool) -> None:
+def assert_aligned(outputs, expected, *, num_pairs: int, num_experts: int, block_size: int, exact: bool) -> None:
     """Checks the op's outputs against an expected used prefix (the reference's, or another device's).
 
     Sizes, dtypes, num_blocks, block metadata, padding positions and the tail are compared exactly.
-    Pair ids are compared exactly when ``exact``, else as one set per run of blocks of one group.
+    Pair ids are compared exactly when ``exact``, else as one set per run of blocks of one expert.
     """
-    sorted_pair_ids, expert_of_block, lora_of_block, num_blocks = outputs
-    bound = max_num_blocks(num_pairs, num_groups, block_size)
+    sorted_pair_ids, expert_of_block, num_blocks = outputs
+    bound = max_num_blocks(num_pairs, num_experts, block_size)
     shapes = [tuple(t.shape) for t in outputs]
-    assert shapes == [(bound * block_size,), (bound,), (bound,), (1,)], f"shapes {shapes}, bound {bound}"
+    assert shapes == [(bound * block_size,), (bound,), (1,)], f"shapes {shapes}, bound {bound}"
     assert all(t.dtype == torch.int32 for t in outputs), [t.dtype for t in outputs]
-    expected_ids, expected_experts, expected_loras = (t.long() for t in expected)
+    expected_ids, expected_experts = (t.long() for t in expected)
     count = expected_experts.numel()
     assert int(num_blocks[0]) == count
-    got_ids, got_experts, got_loras = valid_prefix(outputs, block_size)
+    got_ids, got_experts = valid_prefix(outputs, block_size)
     assert torch.equal(got_experts, expected_experts), f"expert_of_block {got_experts} != {expected_experts}"
-    assert torch.equal(got_loras, expected_loras), f"lora_of_block {got_loras} != {expected_loras}"
-    assert (expert_of_block[count:] == -1).all() and (lora_of_block[count:] == -1).all(), "tail metadata != -1"
+    assert (expert_of_block[count:] == -1).all(), "tail metadata != -1"
     assert (sorted_pair_ids[count * block_size :] == num_pairs).all(), "tail of sorted_pair_ids != N"
     if exact:
         assert torch.equal(got_ids, expected_ids), f"sorted_pair_ids {got_ids} != {expected_ids}"
         return
     assert torch.equal(got_ids == num_pairs, expected_ids == num_pairs), "padding positions differ"
-    group_of_block = expected_experts * 2**32 + expected_loras
     start = 0
-    for blocks in torch.unique_consecutive(group_of_block, return_counts=True)[1].tolist():
+    for blocks in torch.unique_consecutive(expected_experts, return_counts=True)[1].tolist():
         span = slice(start * block_size, (start + blocks) * block_size)
         got_set, expected_set = got_ids[span].sort().values, expected_ids[span].sort().values
         assert torch.equal(got_set, expected_set), f"blocks {start}..{start + blocks}: {got_set} != {expected_set}"
@@ -122,8 +118,9 @@ def assert_aligned(outputs, expected, *, num_pairs: int, num_groups: int, block_
 
 def check_problem(problem: AlignProblem, device: str) -> None:
     outputs, reference = problem.run(device)
-    num_groups = problem.num_experts * problem.max_loras if problem.pad_per_adapter else problem.num_experts
-    sizes = dict(num_pairs=problem.num_tokens * problem.top_k, num_groups=num_groups, block_size=problem.block_size)
+    sizes = dict(
+        num_pairs=problem.num_tokens * problem.top_k, num_experts=problem.num_experts, block_size=problem.block_size
+    )
     assert all(t.device.type == device for t in outputs)
     assert_aligned(outputs, reference, exact=device == "cpu", **sizes)
     if device != "cpu":
@@ -131,7 +128,7 @@ def check_problem(problem: AlignProblem, device: str) -> None:
         assert_aligned(outputs, valid_prefix(cpu_outputs, problem.block_size), exact=False, **sizes)
 
 
-def small_problem(num_tokens, pad_per_adapter, id_dtype, lora_dtype) -> AlignProblem:
+def small_problem(num_tokens, id_dtype, lora_dtype) -> AlignProblem:
     """A problem with E=8, L=3, K=4, block_size=4 and some out-of-range experts: explicit edge cases."""
     return AlignProblem(
         num_tokens=num_tokens,
@@ -139,7 +136,6 @@ def small_problem(num_tokens, pad_per_adapter, id_dtype, lora_dtype) -> AlignPro
         num_experts=8,
         max_loras=3,
         block_size=4,
-        pad_per_adapter=pad_per_adapter,
         used_experts=5,
         invalid_fraction=0.1,
         id_dtype=id_dtype,
@@ -150,20 +146,19 @@ def small_problem(num_tokens, pad_per_adapter, id_dtype, lora_dtype) -> AlignPro
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(problem=align_problems())
-@example(problem=small_problem(0, True, torch.int64, torch.int64))
-@example(problem=small_problem(0, False, torch.int32, None))
-@example(problem=small_problem(1, True, torch.int32, torch.int32))
-@example(problem=small_problem(1, False, torch.int64, torch.int32))
-@example(problem=small_problem(37, True, torch.int64, None))
-@example(problem=small_problem(37, False, torch.int32, None))
+@example(problem=small_problem(0, torch.int64, torch.int64))
+@example(problem=small_problem(0, torch.int32, None))
+@example(problem=small_problem(1, torch.int32, torch.int32))
+@example(problem=small_problem(1, torch.int64, torch.int32))
+@example(problem=small_problem(37, torch.int64, None))
+@example(problem=small_problem(37, torch.int32, torch.int64))
 def test_matches_reference(device, problem):
     check_problem(problem, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("pad_per_adapter", [True, False])
 @pytest.mark.parametrize("num_experts", [1024, 4096])
-def test_many_groups(device, num_experts, pad_per_adapter):
+def test_many_groups(device, num_experts):
     """Many groups: on an H100 (227 KB of opt-in shared memory per block) E=1024 keeps the counters in
     shared memory above the default 48 KB, and E=4096 needs the global-memory workspace."""
     problem = AlignProblem(
@@ -172,7 +167,6 @@ def test_many_groups(device, num_experts, pad_per_adapter):
         num_experts=num_experts,
         max_loras=16,
         block_size=16,
-        pad_per_adapter=pad_per_adapter,
         used_experts=num_experts,
         invalid_fraction=0.05,
         id_dtype=torch.int32,
@@ -183,18 +177,16 @@ def test_many_groups(device, num_experts, pad_per_adapter):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("pad_per_adapter", [True, False])
 @pytest.mark.parametrize("num_experts", [64, 1024])
-def test_large_batch(device, num_experts, pad_per_adapter):
+def test_large_batch(device, num_experts):
     """More pairs than one CUDA block handles: the grid-wide count (with per-block histograms for
-    E=64, with global atomics for E=1024 x 16 slots, 64 KB of counters) and scatter."""
+    E=64, with global atomics for E=1024 x 17 slot groups, 68 KB of counters) and scatter."""
     problem = AlignProblem(
         num_tokens=2048,
         top_k=8,
         num_experts=num_experts,
         max_loras=16,
         block_size=64,
-        pad_per_adapter=pad_per_adapter,
         used_experts=num_experts,
         invalid_fraction=0.05,
         id_dtype=torch.int64,
@@ -209,14 +201,11 @@ def test_one_hot_expert(device):
     """Every pair on one expert and one slot: one long group, many blocks found by one binary search each."""
     topk_ids = torch.full((300, 3), 7, dtype=torch.int64, device=device)
     token_lora = torch.full((300,), 2, dtype=torch.int32, device=device)
-    for pad_per_adapter in (True, False):
-        args = (topk_ids, token_lora, 9, 4, 16, pad_per_adapter)
-        outputs = align_block_size(*args)
-        num_groups = 9 * 4 if pad_per_adapter else 9
-        assert_aligned(
-            outputs, align_block_size_ref(*args), num_pairs=900, num_groups=num_groups, block_size=16,
-            exact=device == "cpu",
-        )
+    args = (topk_ids, token_lora, 9, 4, 16)
+    assert_aligned(
+        align_block_size(*args), align_block_size_ref(*args), num_pairs=900, num_experts=9, block_size=16,
+        exact=device == "cpu",
+    )
 
 
 def bad_call(**changes):
@@ -227,7 +216,6 @@ def bad_call(**changes):
         num_experts=8,
         max_loras=2,
         block_size=4,
-        pad_per_adapter=True,
     )
     arguments.update(changes)
     return arguments
@@ -294,7 +282,7 @@ def test_cuda_token_lora_out_of_range_asserts_on_device():
         "import torch; from torch_moe_lora.ops.align import align_block_size\n"
         "ids = torch.zeros(4, 2, dtype=torch.int64, device='cuda')\n"
         "token_lora = torch.tensor([0, 1, 2, 0], device='cuda')\n"
-        "align_block_size(ids, token_lora, 8, 2, 4, True)\n"
+        "align_block_size(ids, token_lora, 8, 2, 4)\n"
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
@@ -303,29 +291,29 @@ def test_cuda_token_lora_out_of_range_asserts_on_device():
 
 
 OPCHECK_CASES = [
-    # (T, K, E, L, block_size, pad_per_adapter, token_lora present)
-    (0, 2, 4, 2, 4, True, True),
-    (0, 1, 4, 0, 1, False, False),
-    (7, 3, 5, 3, 4, True, True),
-    (7, 3, 5, 3, 4, False, True),
-    (13, 1, 3, 2, 16, False, False),
-    (5, 5, 2, 0, 2, True, False),
+    # (T, K, E, L, block_size, token_lora present)
+    (0, 2, 4, 2, 4, True),
+    (0, 1, 4, 0, 1, False),
+    (7, 3, 5, 3, 4, True),
+    (7, 3, 5, 3, 1, True),
+    (13, 1, 3, 2, 16, False),
+    (5, 5, 2, 0, 2, False),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(device, case):
-    num_tokens, top_k, num_experts, max_loras, block_size, pad_per_adapter, with_lora = case
+    num_tokens, top_k, num_experts, max_loras, block_size, with_lora = case
     topk_ids = torch.randint(-1, num_experts + 1, (num_tokens, top_k), device=device)
     token_lora = torch.randint(-1, max_loras, (num_tokens,), device=device) if with_lora else None
-    args = (topk_ids, token_lora, num_experts, max_loras, block_size, pad_per_adapter)
+    args = (topk_ids, token_lora, num_experts, max_loras, block_size)
     torch.library.opcheck(torch.ops.moe_lora.align_block_size.default, args)
 
 
 def test_compile_fullgraph_matches_eager():
     def align(topk_ids, token_lora):
-        return align_block_size(topk_ids, token_lora, num_experts=6, max_loras=3, block_size=4, pad_per_adapter=True)
+        return align_block_size(topk_ids, token_lora, num_experts=6, max_loras=3, block_size=4)
 
     torch._dynamo.reset()
     generator = torch.Generator().manual_seed(0)
@@ -355,7 +343,7 @@ def test_cuda_graph_replay(num_experts, shape):
         return topk_ids, torch.randint(-1, max_loras, (shape[0],), generator=generator)
 
     topk_ids, token_lora = (t.cuda() for t in draw())
-    args = (num_experts, max_loras, block_size, True)
+    args = (num_experts, max_loras, block_size)
     side_stream = torch.cuda.Stream()
     side_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side_stream):
@@ -372,8 +360,7 @@ def test_cuda_graph_replay(num_experts, shape):
         torch.cuda.synchronize()
         expected = align_block_size_ref(new_ids, new_lora, *args)
         assert_aligned(
-            outputs, expected, num_pairs=new_ids.numel(), num_groups=num_experts * max_loras, block_size=block_size,
-            exact=False,
+            outputs, expected, num_pairs=new_ids.numel(), num_experts=num_experts, block_size=block_size, exact=False,
         )
 
 
@@ -381,5 +368,5 @@ class TestSchema(expecttest.TestCase):
     def test_schema(self):
         self.assertExpectedInline(
             str(torch.ops.moe_lora.align_block_size.default._schema),
-            """moe_lora::align_block_size(Tensor topk_ids, Tensor? token_lora, int num_experts, int max_loras, int block_size, bool pad_per_adapter) -> (Tensor sorted_pair_ids, Tensor expert_of_block, Tensor lora_of_block, Tensor num_blocks)""",
+            """moe_lora::align_block_size(Tensor topk_ids, Tensor? token_lora, int num_experts, int max_loras, int block_size) -> (Tensor sorted_pair_ids, Tensor expert_of_block, Tensor num_blocks)""",
         )

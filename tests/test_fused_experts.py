@@ -7,11 +7,13 @@ import torch
 import torch._dynamo.testing
 from expecttest import TestCase
 from hypothesis import given
-from moe_problems import make_problem, problems
+from hypothesis import strategies as st
+from moe_problems import POISONS, assert_poison_stays_in_its_rows, make_problem, problems
 from utils import HAS_CUDA, assert_close_verbose
 
 import torch_moe_lora
 from torch_moe_lora import ExpertLoRASlots, LoRAWeights, fused_experts
+from torch_moe_lora.ops.fused_experts import ExpertOptions
 from torch_moe_lora.reference import fused_experts_ref
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -31,6 +33,20 @@ def run_and_compare(problem, device, what):
 @given(problem=problems())
 def test_matches_reference(device, problem):
     run_and_compare(problem, device, "fused_experts")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=problems().filter(lambda p: p.lora is not None), poison=st.sampled_from(sorted(POISONS)), data=st.data())
+def test_a_poisoned_slot_changes_no_other_token(device, problem, poison, data):
+    """The registered op (the PyTorch path on the CPU): NaN, Inf or overflow in one slot leaves every
+    token of the other slots, and every token without an adapter, bit-identical."""
+    problem = problem.to(device)
+    victim = data.draw(st.integers(0, problem.lora.num_slots - 1))
+
+    def run(p):
+        return fused_experts(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
+
+    assert_poison_stays_in_its_rows(run, problem, victim, poison)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,12 +116,11 @@ class SchemaTest(TestCase):
 
 
 def op_args(problem):
+    """The registered op's flat argument list for ``problem``."""
     lora = tuple(problem.lora) if problem.lora is not None else (None,) * 6
-    o = problem.options
     return (
         problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2,
-        problem.w13_bias, problem.w2_bias, problem.token_lora, *lora,
-        o["activation"], o["gated"], o["interleaved"], 1.702, 7.0, o["weight_on_input"],
+        problem.w13_bias, problem.w2_bias, problem.token_lora, *lora, *ExpertOptions(**problem.options),
     )  # fmt: skip
 
 

@@ -7,15 +7,18 @@ interpreter computes ``tl.dot`` on bfloat16 operands wrongly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from moe_problems import make_problem, problems
+from moe_problems import POISONS, assert_poison_stays_in_its_rows, make_problem, problems
 from utils import HAS_CUDA, assert_close_verbose, requires_cuda
 
 from torch_moe_lora import fused_experts
-from torch_moe_lora.ops.fused_experts import launch_config
+from torch_moe_lora.configs import GemmTiles, LaunchConfig, ShrinkTiles, SumTiles
+from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
 from torch_moe_lora.reference import fused_experts_ref
 
@@ -23,16 +26,17 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float32, torch.float16)
 
 
-def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16, sub_m=16):
-    tile = dict(block_n=block_n, block_k=block_k, group_m=group_m, num_warps=4, num_stages=2)
-    return {
-        "block_m": block_m,
-        "sub_m": sub_m,
-        "gate_up": tile,
-        "down": tile,
-        "shrink": dict(max_block_r=block_r, block_k=block_k, num_warps=4, num_stages=2),
-        "sum": dict(block_n=64, num_warps=4),
-    }
+def small_config(block_m=16, block_n=16, block_k=16, group_m=2, block_r=16, sub_m=16, **switches) -> LaunchConfig:
+    tiles = GemmTiles(block_n=block_n, block_k=block_k, group_m=group_m, num_warps=4, num_stages=2)
+    return LaunchConfig(
+        block_m=block_m,
+        sub_m=sub_m,
+        gate_up=tiles,
+        down=tiles,
+        shrink=ShrinkTiles(max_block_r=block_r, block_k=block_k, num_warps=4, num_stages=2),
+        sum=SumTiles(block_n=64, num_warps=4),
+        **switches,
+    )
 
 
 CONFIGS = {
@@ -40,36 +44,24 @@ CONFIGS = {
     "wide": small_config(block_m=32, block_n=32, block_k=32, group_m=1, block_r=32),
     "four_subblocks": small_config(block_m=64, block_n=16, block_k=32, group_m=1),
     "two_wide_subblocks": small_config(block_m=64, block_n=32, block_k=16, sub_m=32),
-    # The shrink fused into the GEMM kernels (any rank up to 512), with one and with many slots per block.
-    "fused_shrink": {**small_config(), "fuse_shrink_max_rank": 512},
-    "fused_shrink_wide": {**small_config(block_m=64, block_n=32, block_k=32, group_m=1), "fuse_shrink_max_rank": 512},
-    # No align op: every (token, k) pair a block of its own, shrink separate and fused.
-    "pair_blocks": {**small_config(block_m=64), "pair_blocks": True},
-    "pair_blocks_fused": {**small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512},
+    # No align op: every (token, k) pair a block of its own.
+    "pair_blocks": small_config(block_m=64, pair_blocks=True),
     # One shrink program per sub-block, taking all its slots in turn.
-    "one_shrink_program": {**small_config(block_m=32, sub_m=16), "shrink": dict(
-        max_block_r=16, block_k=16, num_warps=4, num_stages=2, slot_programs=1)},
-    # The top-k sum in the down kernel: sorted blocks of several tokens, and the decode launch pair.
-    "fused_sum": {**small_config(block_m=32, block_n=32, block_k=32, group_m=1), "fuse_sum": True},
-    "pair_blocks_fused_sum": {
-        **small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512, "fuse_sum": True,
-    },
+    "one_shrink_program": dataclasses.replace(
+        small_config(block_m=32, sub_m=16),
+        shrink=ShrinkTiles(max_block_r=16, block_k=16, num_warps=4, num_stages=2, slot_programs=1),
+    ),
     # Expert weight tiles through tensor descriptors (where the layout allows; else the pointer path).
-    "tma": {**small_config(block_m=32), "tma": True},
-    "tma_pair_blocks_fused": {
-        **small_config(block_n=32, block_k=32), "pair_blocks": True, "fuse_shrink_max_rank": 512, "tma": True,
-    },
+    "tma": small_config(block_m=32, tma=True),
+    "tma_pair_blocks": small_config(block_n=32, block_k=32, pair_blocks=True, tma=True),
 }
 
 
 def run_triton(problem, config, out=None):
-    lora = tuple(problem.lora) if problem.lora is not None else (None,) * 6
-    o = problem.options
     return fused_experts_triton(
         problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2,
-        problem.w13_bias, problem.w2_bias, problem.token_lora, *lora,
-        o["activation"], o["gated"], o["interleaved"], 1.702, 7.0, o["weight_on_input"],
-        config=config, out=out,
+        w13_bias=problem.w13_bias, w2_bias=problem.w2_bias, token_lora=problem.token_lora, lora=problem.lora,
+        options=ExpertOptions(**problem.options), config=config, out=out,
     )  # fmt: skip
 
 
@@ -131,16 +123,15 @@ def test_strided_routing_mapping_scales_and_output():
     )
     strided = (problem.topk_ids, problem.topk_weights, problem.token_lora, *problem.lora[4:])
     assert not any(t.is_contiguous() for t in strided)
-    for name in ("small", "pair_blocks_fused_sum"):
+    for name in ("small", "pair_blocks"):
         out = torch.full_like(problem.x.t(), float("nan")).t()
         run_triton(problem, CONFIGS[name], out=out)
         assert_close_verbose(out, expected, problem.x.dtype, f"strided routing, scales and output, config {name}")
 
 
-@pytest.mark.parametrize("config", ["small", "fused_sum", "pair_blocks_fused_sum"])
+@pytest.mark.parametrize("config", ["small", "pair_blocks"])
 def test_tokens_without_local_pair_are_zero(config):
-    """Tokens whose every expert is outside this rank's range (expert parallelism) get zeros, also
-    when the top-k sum runs in the down kernel, where no program counts them."""
+    """Tokens whose every expert is outside this rank's range (expert parallelism) get zeros."""
     problem = make_problem(T=7, H=40, I=16, E=4, K=2, L=2, R=4).to(DEVICE)
     problem.topk_ids[1] = 4
     problem.topk_ids[4] = -1
@@ -149,6 +140,28 @@ def test_tokens_without_local_pair_are_zero(config):
     run_triton(problem, CONFIGS[config], out=out)
     assert out[[1, 4]].eq(0).all()
     assert_close_verbose(out, reference(problem), problem.x.dtype, f"tokens without a local pair, config {config}")
+
+
+def poisoned_problems():
+    """Problems with at least one adapter slot, and a slot to poison."""
+    return problems(dtypes=DTYPES, max_tokens=40 if HAS_CUDA else 8).filter(lambda p: p.lora is not None)
+
+
+@given(problem=poisoned_problems(), config=st.sampled_from(sorted(CONFIGS)), poison=st.sampled_from(sorted(POISONS)), data=st.data())
+def test_a_poisoned_slot_changes_no_other_token(problem, config, poison, data):
+    """NaN, Inf or overflow in one slot of the table: every token of another slot, and every token
+    without an adapter, is bit-identical to the run without it (blocks mix slots)."""
+    problem = problem.to(DEVICE)
+    victim = data.draw(st.integers(0, problem.lora.num_slots - 1))
+    assert_poison_stays_in_its_rows(lambda p: run_triton(p, CONFIGS[config]), problem, victim, poison)
+
+
+def test_poisoned_rows_of_a_mixed_block_stay_apart():
+    """One block holding every slot's tokens (many per expert): the victim's NaN stays in its rows."""
+    problem = make_problem(T=24, H=32, I=16, E=2, K=2, L=4, R=8, no_adapter_fraction=0.2).to(DEVICE)
+    for config in ("wide", "one_shrink_program"):
+        for poison in POISONS:
+            assert_poison_stays_in_its_rows(lambda p: run_triton(p, CONFIGS[config]), problem, 2, poison)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,31 +239,30 @@ def test_torch_compile_on_gpu(mode):
 def test_launch_config_is_used_per_bucket():
     small = make_problem(T=2, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
     large = make_problem(T=5000, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
-    assert launch_config(small.x, small.topk_ids, small.w2)["block_m"] <= launch_config(
+    assert launch_config(small.x, small.topk_ids, small.w2).block_m <= launch_config(
         large.x, large.topk_ids, large.w2
-    )["block_m"]
+    ).block_m
 
 
 def test_weight_descriptor_only_where_the_copy_engine_can_read():
     from torch_moe_lora.ops.launch import weight_descriptor
 
-    tiles = dict(block_n=16, block_k=32)
     w = torch.randn(3, 24, 40, dtype=torch.float16)
-    desc = weight_descriptor(w, tiles)
+    desc = weight_descriptor(w, 16, 32)
     assert desc is not None and list(desc.shape) == [72, 40] and list(desc.block_shape) == [16, 32]
-    assert weight_descriptor(w.transpose(1, 2).contiguous().transpose(1, 2), tiles) is None, "K not contiguous"
-    assert weight_descriptor(torch.randn(3, 24, 41, dtype=torch.float16)[..., :40], tiles) is None, "rows unaligned"
-    assert weight_descriptor(w[:, :20], tiles) is None, "experts not stacked row after row"
-    assert weight_descriptor(w, dict(block_n=512, block_k=32)) is None, "tile past the copy engine's box"
+    assert weight_descriptor(w.transpose(1, 2).contiguous().transpose(1, 2), 16, 32) is None, "K not contiguous"
+    assert weight_descriptor(torch.randn(3, 24, 41, dtype=torch.float16)[..., :40], 16, 32) is None, "rows unaligned"
+    assert weight_descriptor(w[:, :20], 16, 32) is None, "experts not stacked row after row"
+    assert weight_descriptor(w, 512, 32) is None, "tile past the copy engine's box"
 
 
 def test_fit_shared_memory_shrinks_stages_then_k_tile():
     from torch_moe_lora.ops.launch import fit_shared_memory
 
-    cfg = dict(block_n=128, block_k=128, num_stages=4, num_warps=8, group_m=1)
-    assert fit_shared_memory(cfg, 64, 2, 2, None) == cfg
-    assert fit_shared_memory(cfg, 64, 2, 2, 1 << 20) == cfg
-    fp32 = fit_shared_memory(cfg, 64, 2, 4, 232448)
-    assert fp32["num_stages"] * fp32["block_k"] * (64 + 2 * 128) * 4 <= 232448
-    assert (fp32["num_stages"], fp32["block_k"]) == (2, 64)
-    assert cfg["num_stages"] == 4, "the input config is not modified"
+    tiles = GemmTiles(block_n=128, block_k=128, num_stages=4, num_warps=8, group_m=1)
+    assert fit_shared_memory(tiles, 64, 2 * 128, 2, None) == tiles
+    assert fit_shared_memory(tiles, 64, 2 * 128, 2, 1 << 20) == tiles
+    fp32 = fit_shared_memory(tiles, 64, 2 * 128, 4, 232448)
+    assert fp32.num_stages * fp32.block_k * (64 + 2 * 128) * 4 <= 232448
+    assert (fp32.num_stages, fp32.block_k) == (2, 64)
+    assert dataclasses.replace(fp32, num_stages=4, block_k=128) == tiles, "only stages and the K tile change"

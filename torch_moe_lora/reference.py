@@ -188,20 +188,16 @@ def align_block_size_ref(
     num_experts: int,
     max_loras: int,
     block_size: int,
-    pad_per_adapter: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Groups the flattened (token, k) pairs into blocks of ``block_size`` pairs.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups the flattened (token, k) pairs into blocks of ``block_size`` pairs of one expert.
 
-    Groups are visited expert by expert. With ``pad_per_adapter`` each (expert, adapter slot) group
-    is padded to a multiple of ``block_size`` (slots in increasing order) and pairs of tokens without
-    an adapter are dropped. Without it every expert's pairs form one group, ordered by slot with the
-    adapter-less pairs last, and only the expert's group is padded. Pairs keep their flattened order
-    inside a group; padding entries hold the pair count ``N = T * K``. Pairs whose expert id is
+    Experts are visited in order. An expert's pairs are ordered by adapter slot, the adapter-less
+    pairs last, and padded to a multiple of ``block_size``. Pairs of one (expert, slot) keep their
+    flattened order; padding entries hold the pair count ``N = T * K``. Pairs whose expert id is
     outside ``[0, num_experts)`` are dropped.
 
     Returns the used prefix only (the op pads every output to a static bound):
-    ``sorted_pair_ids [num_blocks * block_size]``, ``expert_of_block [num_blocks]`` and
-    ``lora_of_block [num_blocks]`` (the slot, or ``-1`` when ``pad_per_adapter`` is False), all int64.
+    ``sorted_pair_ids [num_blocks * block_size]`` and ``expert_of_block [num_blocks]``, int64.
     """
     num_pairs = topk_ids.numel()
     ids = topk_ids.reshape(-1).long().cpu()
@@ -211,29 +207,16 @@ def align_block_size_ref(
         slot_of_pair = token_lora.long().cpu().repeat_interleave(topk_ids.shape[-1])
     sorted_ids: list[int] = []
     expert_of_block: list[int] = []
-    lora_of_block: list[int] = []
-
-    def emit(pairs: list[int], expert: int, slot: int) -> None:
-        if not pairs:
-            return
-        padded = -(-len(pairs) // block_size) * block_size
-        sorted_ids.extend(pairs + [num_pairs] * (padded - len(pairs)))
-        expert_of_block.extend([expert] * (padded // block_size))
-        lora_of_block.extend([slot] * (padded // block_size))
-
-    slots = list(range(max_loras)) if pad_per_adapter else [*range(max_loras), -1]
     for e in range(num_experts):
-        group: list[int] = []
-        for slot in slots:
-            pairs = torch.nonzero((ids == e) & (slot_of_pair == slot)).flatten().tolist()
-            if pad_per_adapter:
-                emit(pairs, e, slot)
-            else:
-                group += pairs
-        if not pad_per_adapter:
-            emit(group, e, -1)
+        pairs: list[int] = []
+        for slot in [*range(max_loras), -1]:
+            pairs += torch.nonzero((ids == e) & (slot_of_pair == slot)).flatten().tolist()
+        if pairs:
+            padded = -(-len(pairs) // block_size) * block_size
+            sorted_ids.extend(pairs + [num_pairs] * (padded - len(pairs)))
+            expert_of_block.extend([e] * (padded // block_size))
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return as_long(sorted_ids), as_long(expert_of_block), as_long(lora_of_block)
+    return as_long(sorted_ids), as_long(expert_of_block)
 
 
 def lora_linear_ref(

@@ -1,4 +1,4 @@
-"""``moe_lora::align_block_size``: groups the (token, k) pairs into blocks of one expert and one slot.
+"""``moe_lora::align_block_size``: sorts the (token, k) pairs into blocks of one expert each.
 
 The kernels are compiled (``csrc/align_block_size.cpp`` for CPU, ``csrc/align_block_size_cuda.cu`` for
 CUDA) and registered by the extension ``torch_moe_lora._C``. This module loads it, registers the
@@ -10,40 +10,30 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from torch_moe_lora import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as error:
-    raise ImportError(
-        f"torch_moe_lora._C, the compiled extension, could not be imported ({error}). Build it by running "
-        "`pip install --no-build-isolation -e .` in the repository root."
-    ) from error
+from torch_moe_lora._extension import load_extension
+
+load_extension()  # loading torch_moe_lora._C registers the ops
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def max_num_blocks(num_pairs, num_groups, block_size):
-    """Upper bound on the number of blocks: ``(N + min(G, N) * (block_size - 1)) // block_size``.
+def max_num_blocks(num_pairs, num_experts, block_size):
+    """Upper bound on the number of blocks: ``(N + min(E, N) * (block_size - 1)) // block_size``.
 
-    At most ``min(G, N)`` of the ``G`` groups are nonempty, and padding a group of ``n`` pairs adds
+    At most ``min(E, N)`` of the ``E`` experts get pairs, and padding an expert's ``n`` pairs adds
     at most ``block_size - 1`` entries. Works on ints and SymInts.
     """
-    return (num_pairs + torch.sym_min(num_groups, num_pairs) * (block_size - 1)) // block_size
+    return (num_pairs + torch.sym_min(num_experts, num_pairs) * (block_size - 1)) // block_size
 
 
 @torch.library.register_fake("moe_lora::align_block_size")
-def _align_block_size_fake(topk_ids, token_lora, num_experts, max_loras, block_size, pad_per_adapter):
-    num_groups = num_experts * max_loras if pad_per_adapter else num_experts
-    num_blocks_bound = max_num_blocks(topk_ids.numel(), num_groups, block_size)
+def _align_block_size_fake(topk_ids, token_lora, num_experts, max_loras, block_size):
+    num_blocks_bound = max_num_blocks(topk_ids.numel(), num_experts, block_size)
 
     def empty_int32(size):
         return topk_ids.new_empty(size, dtype=torch.int32)
 
-    return (
-        empty_int32(num_blocks_bound * block_size),
-        empty_int32(num_blocks_bound),
-        empty_int32(num_blocks_bound),
-        empty_int32(1),
-    )
+    return empty_int32(num_blocks_bound * block_size), empty_int32(num_blocks_bound), empty_int32(1)
 
 
 def _check_index_tensor(name: str, value, dim: int, layout: str) -> None:
@@ -68,21 +58,19 @@ def align_block_size(
     num_experts: int,
     max_loras: int,
     block_size: int,
-    pad_per_adapter: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sorts the flattened (token, k) pairs into blocks of ``block_size`` pairs of one group each.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorts the flattened (token, k) pairs into blocks of ``block_size`` pairs of one expert each.
 
     ``align_block_size_ref`` in ``torch_moe_lora.reference`` defines the result. Pair ``t * K + k``
-    belongs to expert ``topk_ids[t, k]`` and adapter slot ``token_lora[t]``. Groups are visited
-    expert by expert. With ``pad_per_adapter`` every (expert, slot) group is padded to a multiple of
-    ``block_size`` and pairs with slot ``-1`` are dropped; without it every expert's pairs form one
-    group, ordered by slot with slot ``-1`` last. Pairs whose expert is outside ``[0, num_experts)``
-    are dropped. On CPU the pairs of a group keep their flattened order; on CUDA that order is not
-    deterministic (the set of pairs of each group and all padding positions are).
+    belongs to expert ``topk_ids[t, k]`` and adapter slot ``token_lora[t]``. Experts are visited in
+    order; an expert's pairs are ordered by slot, slot ``-1`` last, and padded to a multiple of
+    ``block_size``. Pairs whose expert is outside ``[0, num_experts)`` are dropped. On CPU the pairs
+    of one (expert, slot) keep their flattened order; on CUDA that order is not deterministic (the
+    set of pairs of each (expert, slot) and all padding positions are).
 
     Outputs have static sizes, an upper bound computed from the shapes and arguments alone:
-    ``max_blocks = max_num_blocks(T * K, G, block_size)`` with ``G = num_experts * max_loras``
-    (``pad_per_adapter``) or ``num_experts``. The op never synchronises with the host.
+    ``max_blocks = max_num_blocks(T * K, num_experts, block_size)``. The op never synchronises with
+    the host.
 
     Args:
         topk_ids: ``[T, K]`` int32 or int64, the experts of each token (``T >= 0``, ``K >= 1``).
@@ -92,17 +80,13 @@ def align_block_size(
         num_experts: ``E >= 1``, the number of experts.
         max_loras: ``L >= 0``, the number of adapter slots.
         block_size: ``>= 1``, the number of pairs per block.
-        pad_per_adapter: pad each (expert, slot) group (True) or each expert's group (False).
 
     Returns:
-        ``(sorted_pair_ids, expert_of_block, lora_of_block, num_blocks)``, all int32 on
-        ``topk_ids``' device:
+        ``(sorted_pair_ids, expert_of_block, num_blocks)``, all int32 on ``topk_ids``' device:
 
         * ``sorted_pair_ids [max_blocks * block_size]``: pair ids grouped and padded; padding and
           entries past the ``num_blocks * block_size`` valid ones hold ``N = T * K``.
         * ``expert_of_block [max_blocks]``: the expert of each block, ``-1`` past the valid blocks.
-        * ``lora_of_block [max_blocks]``: the adapter slot of each block with ``pad_per_adapter``,
-          else ``-1``; ``-1`` past the valid blocks.
         * ``num_blocks [1]``: the number of valid blocks.
 
     Raises:
@@ -124,6 +108,4 @@ def align_block_size(
     _check_int("num_experts", num_experts, 1)
     _check_int("max_loras", max_loras, 0)
     _check_int("block_size", block_size, 1)
-    return torch.ops.moe_lora.align_block_size.default(
-        topk_ids, token_lora, num_experts, max_loras, block_size, bool(pad_per_adapter)
-    )
+    return torch.ops.moe_lora.align_block_size.default(topk_ids, token_lora, num_experts, max_loras, block_size)

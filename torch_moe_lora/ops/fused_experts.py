@@ -1,18 +1,20 @@
 """The fused experts op: one MoE layer's experts with per-token multi-LoRA.
 
-Reading order: argument checks shared by every implementation, the registered op with its fake,
-the portable PyTorch implementation (the CPU path), and the public function.
+Reading order: the op's options, argument checks shared by every implementation, the registered op
+with its fake, the portable PyTorch implementation (the CPU path), and the public function. The
+registered op takes its arguments as one flat list; inside, the implementations take the LoRA
+tensors as a ``LoRAWeights`` and the other arguments as one ``ExpertOptions``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..configs import get_config
+from ..configs import LaunchConfig, get_config
 from ..lora import LoRAWeights
 from ..reference import ACTIVATIONS, activation_ref
 from .fused_experts_triton import fused_experts_triton
@@ -20,6 +22,23 @@ from .fused_experts_triton import fused_experts_triton
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _OP = "moe_lora::fused_experts"
+
+
+class ExpertOptions(NamedTuple):
+    """The op's arguments after its tensors, in the op's order; ``fused_experts`` documents each."""
+
+    activation: str = "silu"
+    gated: bool = True
+    interleaved: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    weight_on_input: bool = False
+
+
+def _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale) -> LoRAWeights | None:
+    """The op's six LoRA arguments as one table; None when all six are None."""
+    tensors = (gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
+    return None if all(t is None for t in tensors) else LoRAWeights(*tensors)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -32,14 +51,14 @@ def _expect_shape(name: str, t: torch.Tensor, expected: tuple, spelled: str) -> 
 
 
 def check_fused_experts_args(
-    x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-    gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
-    activation, gated,
+    x, topk_ids, topk_weights, w13, w2, *, w13_bias, w2_bias, token_lora, lora: LoRAWeights | None,
+    options: ExpertOptions,
 ) -> None:  # fmt: skip
     """Validates shapes, dtypes and devices of the op's arguments; raises ValueError/TypeError.
 
     Works on real, fake and symbolic-shape tensors (no data is read).
     """
+    activation, gated = options.activation, options.gated
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_experts: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if activation == "swigluoai" and not gated:
@@ -72,9 +91,14 @@ def check_fused_experts_args(
         _expect_shape("w13_bias", w13_bias, (E, rows13), f"[E, {'2I' if gated else 'I'}] = [{E}, {rows13}]")
     if w2_bias is not None:
         _expect_shape("w2_bias", w2_bias, (E, H), f"[E, H] = [{E}, {H}]")
-    lora = (gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
-    if any(t is None for t in lora) and any(t is not None for t in lora):
+    if lora is not None and any(t is None for t in lora):
         raise ValueError("fused_experts: give all six LoRA tensors (a LoRAWeights) or none")
+    gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale = (None,) * 6 if lora is None else lora
+    if gate_up_a is not None and token_lora is None:
+        raise ValueError(
+            "fused_experts: lora was given without token_lora; give token_lora [T] (the adapter slot of each "
+            "token, -1 for none), or lora=None for the base experts"
+        )
     if token_lora is not None:
         _expect_shape("token_lora", token_lora, (T,), f"[T] = [{T}]")
         if token_lora.dtype not in INDEX_DTYPES:
@@ -150,11 +174,11 @@ def _fused_experts_op(
     swiglu_limit: float,
     weight_on_input: bool,
 ) -> torch.Tensor:
-    return fused_experts_torch(
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-        gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
-        activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
-    )  # fmt: skip
+    tensors = dict(w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora)
+    lora = _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
+    options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
+    check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
+    return fused_experts_torch(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
 
 
 @_fused_experts_op.register_fake
@@ -164,8 +188,9 @@ def _(
     activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
 ):  # fmt: skip
     check_fused_experts_args(
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-        gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale, activation, gated,
+        x, topk_ids, topk_weights, w13, w2, w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora,
+        lora=_lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale),
+        options=ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input),
     )  # fmt: skip
     return x.new_empty(x.shape)
 
@@ -176,15 +201,14 @@ def _(
     gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
     activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
 ):  # fmt: skip
-    args = (
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-        gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
-    )  # fmt: skip
-    check_fused_experts_args(*args, activation, gated)
-    config = launch_config(x, topk_ids, w2)
+    tensors = dict(w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora)
+    lora = _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
+    options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
+    check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
     return fused_experts_triton(
-        *args, activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input, config=config
-    )
+        x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options,
+        config=launch_config(x, topk_ids, w2),
+    )  # fmt: skip
 
 
 @functools.cache
@@ -192,7 +216,7 @@ def _device_name(device: torch.device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
-def launch_config(x, topk_ids, w2) -> dict:
+def launch_config(x, topk_ids, w2) -> LaunchConfig:
     """The tuned launch config for this call's device and shapes (``torch_moe_lora/configs``)."""
     return get_config(_device_name(x.device), w2.shape[0], x.shape[1], w2.shape[2], topk_ids.shape[1], x.shape[0])
 
@@ -210,23 +234,19 @@ def _lora_delta(xs, a, b, scale, gate_rows):
 
 
 def fused_experts_torch(
-    x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-    gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
-    activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
+    x, topk_ids, topk_weights, w13, w2, *, w13_bias, w2_bias, token_lora, lora: LoRAWeights | None,
+    options: ExpertOptions,
 ) -> torch.Tensor:  # fmt: skip
-    """Portable implementation in PyTorch ops (the CPU path); computes in float32.
+    """Portable implementation in PyTorch ops (the CPU path); arguments as ``fused_experts``
+    (already validated), the op's other arguments in ``options``. Computes in float32.
 
     Pairs are sorted by (expert, slot) once; a Python loop then runs over the non-empty experts and
     (expert, slot) groups only, never over tokens.
     """
-    check_fused_experts_args(
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
-        gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale, activation, gated,
-    )  # fmt: skip
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
-    has_lora = gate_up_a is not None and token_lora is not None
-    num_slots = gate_up_a.shape[0] if gate_up_a is not None else 0
+    has_lora = lora is not None and token_lora is not None
+    num_slots = lora.num_slots if lora is not None else 0
     if token_lora is not None:
         check_token_lora_values(token_lora, num_slots)
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
@@ -248,7 +268,7 @@ def fused_experts_torch(
     group_counts = counts.tolist()
 
     gate_rows = torch.arange(w13.shape[1], device=x.device)
-    gate_rows = (gate_rows % 2 == 0) if interleaved else (gate_rows < w13.shape[1] // 2)
+    gate_rows = (gate_rows % 2 == 0) if options.interleaved else (gate_rows < w13.shape[1] // 2)
     weight_of_pair = topk_weights.reshape(-1).float()
     start = 0
     for e, n in enumerate(expert_counts):
@@ -259,7 +279,7 @@ def fused_experts_torch(
         tokens = pairs // top_k
         w = weight_of_pair[pairs, None]
         xs = x[tokens].float()
-        if weight_on_input:
+        if options.weight_on_input:
             xs = xs * w
         h = F.linear(xs, w13[e].float(), None if w13_bias is None else w13_bias[e].float())
         group_starts = [0]
@@ -271,14 +291,17 @@ def fused_experts_torch(
             if group_starts[slot + 1] > group_starts[slot]
         ]
         for slot, lo, hi in lora_groups:
-            h[lo:hi] += _lora_delta(xs[lo:hi], gate_up_a[slot, e], gate_up_b[slot, e], gate_up_scale[slot], gate_rows)
+            h[lo:hi] += _lora_delta(
+                xs[lo:hi], lora.gate_up_a[slot, e], lora.gate_up_b[slot, e], lora.gate_up_scale[slot], gate_rows
+            )
         act = activation_ref(
-            h, activation, gated=gated, interleaved=interleaved, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit
-        )
+            h, options.activation, gated=options.gated, interleaved=options.interleaved,
+            swiglu_alpha=options.swiglu_alpha, swiglu_limit=options.swiglu_limit,
+        )  # fmt: skip
         y = F.linear(act, w2[e].float(), None if w2_bias is None else w2_bias[e].float())
         for slot, lo, hi in lora_groups:
-            y[lo:hi] += _lora_delta(act[lo:hi], down_a[slot, e], down_b[slot, e], down_scale[slot], None)
-        if not weight_on_input:
+            y[lo:hi] += _lora_delta(act[lo:hi], lora.down_a[slot, e], lora.down_b[slot, e], lora.down_scale[slot], None)
+        if not options.weight_on_input:
             y = y * w
         out.index_add_(0, tokens, y)
     return out.to(x.dtype)
@@ -317,7 +340,8 @@ def fused_experts(
         w2: ``[E, H, I]`` in x's dtype; any strides.
         token_lora: ``[T]`` int32/int64 adapter slot per token, ``-1`` for none. Values outside
             ``[-1, L)`` raise on the CPU and trip a device-side assert on CUDA.
-        lora: a ``LoRAWeights`` slot table (``L`` slots) or None for no LoRA.
+        lora: a ``LoRAWeights`` slot table (``L`` slots) or None for no LoRA; with a table,
+            ``token_lora`` is required.
         w13_bias: optional ``[E, 2I]`` (``[E, I]``); w2_bias: optional ``[E, H]``.
         activation: one of ``reference.ACTIVATIONS``.
         gated: ``act(gate) * up`` (else ``act(up)``).
@@ -329,7 +353,7 @@ def fused_experts(
         ``[T, H]`` in x's dtype (accumulated in float32).
     """
     lora_args = tuple(lora) if lora is not None else (None,) * 6
+    options = ExpertOptions(activation, gated, interleaved, float(swiglu_alpha), float(swiglu_limit), weight_on_input)
     return torch.ops.moe_lora.fused_experts(
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args,
-        activation, gated, interleaved, float(swiglu_alpha), float(swiglu_limit), weight_on_input,
-    )  # fmt: skip
+        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args, *options
+    )

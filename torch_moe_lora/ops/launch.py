@@ -3,6 +3,7 @@ tensor descriptors of the expert weights, tile and precision choices."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -10,28 +11,30 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
-def launch_options(cfg: dict, pdl: bool) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
+def launch_options(tiles, pdl: bool) -> dict:
+    """Triton's launch options of a kernel with tiles ``tiles`` (a ``configs`` tile class), and its ``PDL`` flag."""
+    return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, PDL=pdl, launch_pdl=pdl)
 
 
-def fit_shared_memory(cfg: dict, block_m: int, b_tiles: int, element_size: int, limit: int | None) -> dict:
-    """``cfg`` with fewer pipeline stages, then a smaller K tile, until its tiles fit ``limit`` bytes.
+def fit_shared_memory(tiles, block_m: int, b_cols: int, element_size: int, limit: int | None):
+    """``tiles`` (with ``num_stages`` and ``block_k``) with fewer pipeline stages, then a smaller K
+    tile, until one kernel's tiles fit ``limit`` bytes.
 
     Tuned configs are for 16-bit operands; float32 doubles the bytes of every stage. Each stage
-    holds one ``[block_m, block_k]`` A tile and ``b_tiles`` ``[block_k, block_n]`` B tiles.
+    holds one ``[block_m, block_k]`` A tile and ``[block_k, b_cols]`` of B tiles.
     """
     if limit is None:
-        return cfg
-    cfg = dict(cfg)
+        return tiles
+    num_stages, block_k = tiles.num_stages, tiles.block_k
 
     def need() -> int:
-        return cfg["num_stages"] * cfg["block_k"] * (block_m + b_tiles * cfg["block_n"]) * element_size
+        return num_stages * block_k * (block_m + b_cols) * element_size
 
-    while need() > limit and cfg["num_stages"] > 2:
-        cfg["num_stages"] -= 1
-    while need() > limit and cfg["block_k"] > 16:
-        cfg["block_k"] //= 2
-    return cfg
+    while need() > limit and num_stages > 2:
+        num_stages -= 1
+    while need() > limit and block_k > 16:
+        block_k //= 2
+    return dataclasses.replace(tiles, num_stages=num_stages, block_k=block_k)
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:
@@ -59,16 +62,16 @@ def supports_tma(device: torch.device) -> bool:
     return supports_pdl(device) or device.type == "cpu"
 
 
-def weight_descriptor(w: torch.Tensor, cfg: dict) -> TensorDescriptor | None:
+def weight_descriptor(w: torch.Tensor, block_n: int, block_k: int) -> TensorDescriptor | None:
     """``w`` (``[E, N, K]``) as a tensor descriptor of ``[E * N, K]`` with ``[block_n, block_k]``
     tiles, or None where the copy engine cannot read it so: experts not stacked row after row, ``K``
     not contiguous, or row stride or base not 16-byte aligned."""
     num_experts, rows, cols = w.shape
     stacked = w.stride(2) == 1 and w.stride(0) == rows * w.stride(1)
     aligned = (w.stride(1) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-    if not (stacked and aligned and num_experts * rows < 2**31 and max(cfg["block_n"], cfg["block_k"]) <= 256):
+    if not (stacked and aligned and num_experts * rows < 2**31 and max(block_n, block_k) <= 256):
         return None
-    return TensorDescriptor(w, [num_experts * rows, cols], [w.stride(1), 1], [cfg["block_n"], cfg["block_k"]])
+    return TensorDescriptor(w, [num_experts * rows, cols], [w.stride(1), 1], [block_n, block_k])
 
 
 def shared_memory_limit(device: torch.device) -> int | None:

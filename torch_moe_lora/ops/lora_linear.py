@@ -16,20 +16,16 @@ its fake and its portable PyTorch implementation (the CPU path), and the public 
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 
+from ..configs import get_linear_lora_config
 from .launch import dot_precision, rank_block
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _OP = "moe_lora::add_lora_linear"
-_CONFIG_FILE = Path(__file__).parent.parent / "configs" / "lora_linear.json"
 
 
 def slot_segments(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,43 +151,30 @@ def _expand_kernel(
     tl.store(out, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _configs() -> dict:
-    return json.loads(_CONFIG_FILE.read_text())
-
-
-def launch_config(num_tokens: int) -> dict:
-    """The tile config for ``num_tokens`` (``configs/lora_linear.json``: the smallest token
-    bucket >= it, else the largest)."""
-    buckets = _configs()["buckets"]
-    sizes = sorted(int(b) for b in buckets)
-    return buckets[str(next((b for b in sizes if b >= num_tokens), sizes[-1]))]
-
-
 def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
     """Launches the shrink and expand kernels; arguments as ``moe_lora::add_lora_linear`` (checked)."""
     num_tokens, in_features = x.shape
     num_slots, rank, out_features = lora_a.shape[0], lora_a.shape[1], lora_b.shape[1]
     if num_tokens == 0 or rank == 0:
         return
-    cfg = launch_config(num_tokens)
-    block_m, block_r = cfg["block_m"], rank_block(rank)
+    cfg = get_linear_lora_config(num_tokens)
+    block_m, block_r = cfg.block_m, rank_block(rank)
     tokens_per_row = num_tokens // row_order.shape[0]
     # Blocks of one slot never hold another's tokens: at most one partial block per slot.
     grid_m = triton.cdiv(num_tokens, block_m) + num_slots
     u = x.new_empty(num_tokens, rank)
     precision = dot_precision(x.dtype)
     segments = (row_order, slot_row_start, num_slots, row_order.shape[0], tokens_per_row)
-    shrink, expand = cfg["shrink"], cfg["expand"]
+    shrink, expand = cfg.shrink, cfg.expand
     _shrink_kernel[(grid_m,)](
         x, lora_a, lora_scale, u, *segments, in_features, rank, *x.stride(), *lora_a.stride(), *u.stride(),
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=shrink["block_k"],
-        num_warps=shrink["num_warps"], num_stages=shrink["num_stages"],
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=shrink.block,
+        num_warps=shrink.num_warps, num_stages=shrink.num_stages,
     )  # fmt: skip
-    _expand_kernel[(grid_m, triton.cdiv(out_features, expand["block_n"]))](
+    _expand_kernel[(grid_m, triton.cdiv(out_features, expand.block))](
         u, lora_b, out, *segments, out_features, rank, *u.stride(), *lora_b.stride(), *out.stride(),
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=expand["block_n"], BLOCK_R=block_r,
-        num_warps=expand["num_warps"], num_stages=expand["num_stages"],
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=expand.block, BLOCK_R=block_r,
+        num_warps=expand.num_warps, num_stages=expand.num_stages,
     )  # fmt: skip
 
 

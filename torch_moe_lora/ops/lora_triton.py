@@ -65,10 +65,10 @@ def block_rows(
 
 
 @triton.jit
-def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+def wait_for_previous_kernel(PDL: tl.constexpr):
     """With programmatic dependent launch, block until the previous kernel's writes are visible,
     then let the next kernel launch (it waits in turn). A no-op without it."""
-    if USE_PDL:
+    if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -105,17 +105,17 @@ def lora_shrink_kernel(
     stride_out_m, stride_out_r,
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr, LOOP_SLOTS: tl.constexpr, USE_PDL: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, FEWER_SLOT_PROGRAMS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for the slots of one sub-block.
 
     Grid: (max_blocks * SUBBLOCKS, G, cdiv(rank, BLOCK_R)); program ``(sub, j, _)`` takes the
     ``j``-th slot present in sub-block ``sub`` and exits if there is none. ``G`` is the most slots a
-    sub-block can hold, unless ``LOOP_SLOTS``: then the program also takes the ``(j + G)``-th,
-    ``(j + 2G)``-th, ... slots. ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted
-    position (reading h).
+    sub-block can hold; with ``FEWER_SLOT_PROGRAMS`` (the launch config's ``shrink.slot_programs``
+    below that) it is smaller and the program also takes the ``(j + G)``-th, ``(j + 2G)``-th, ...
+    slots. ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
     """
-    wait_for_previous_kernel(USE_PDL)
+    wait_for_previous_kernel(PDL)
     sub = tl.program_id(0)
     expert = block_expert(sub // SUBBLOCKS, expert_of_block_ptr, num_blocks_ptr, num_experts, PAIR_BLOCKS)
     if expert < 0:
@@ -129,7 +129,7 @@ def lora_shrink_kernel(
     if current >= NO_SLOT:
         return
     row = token if INPUT_BY_TOKEN else pos
-    if LOOP_SLOTS:
+    if FEWER_SLOT_PROGRAMS:
         while current < NO_SLOT:
             _shrink_slot(
                 inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
@@ -181,7 +181,8 @@ def lora_steps(
     """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
 
     One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
-    ``s`` (other rows masked to zero), the B operand its LoRA B. ``first_slot`` and ``num_slots`` are
+    ``s`` (other rows masked to zero), the B operand its LoRA B; the step's product is kept for the
+    slot's rows only, so no value of one adapter reaches another's rows. ``first_slot`` and ``num_slots`` are
     ``block_slots(slot)``, computed once per program by the caller. A ``for`` loop over a step count
     known before it starts, so the compiler pipelines the loads of the next slots with this one's dot.
     """
@@ -192,71 +193,16 @@ def lora_steps(
     for step in range(0, num_slots * r_steps):
         r = (step % r_steps) * BLOCK_K + offs_k
         r_mask = r < rank
-        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=(slot == current)[:, None] & r_mask[None, :], other=0.0)
+        in_slot = slot == current
+        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=in_slot[:, None] & r_mask[None, :], other=0.0)
         b = tl.load(
             b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
             + b_rows[None, :] * stride_b_n + r[:, None] * stride_b_r,
             mask=b_row_mask[None, :] & r_mask[:, None],
             other=0.0,
         )
-        acc += tl.dot(s, b, input_precision=PRECISION)
+        # Selected, not added: a zero row of s times a NaN or Inf in this slot's B is NaN, and
+        # must not reach rows of other slots.
+        acc = tl.where(in_slot[:, None], acc + tl.dot(s, b, input_precision=PRECISION), acc)
         current = tl.where(step % r_steps == r_steps - 1, next_slot(slot, current), current)
-    return acc
-
-
-@triton.jit
-def shrink_in_registers(
-    inp_rows, in_features, a_ptr, expert, slot, first_slot, num_slots, rank_a,
-    stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``s[m, r] = inp[row_m] . a[slot_m, expert, r]`` for ``r < rank_a``, float32 in registers.
-
-    The fused shrink: a program computes its block's ``s`` itself instead of reading it from the
-    shrink kernel's output. One step per (slot present, ``BLOCK_K`` input columns), as in
-    ``lora_steps``; rows of other slots (and rows without one) are masked to zero.
-    """
-    k_steps = tl.cdiv(in_features, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    current = first_slot
-    for step in range(0, num_slots * k_steps):
-        k = (step % k_steps) * BLOCK_K + offs_k
-        k_mask = k < in_features
-        xs = tl.load(inp_rows + k[None, :] * stride_in_k, mask=(slot == current)[:, None] & k_mask[None, :], other=0.0)
-        a = tl.load(
-            a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e
-            + offs_r[None, :] * stride_a_r + k[:, None] * stride_a_k,
-            mask=(offs_r[None, :] < rank_a) & k_mask[:, None],
-            other=0.0,
-        )  # fmt: skip
-        s += tl.dot(xs, a, input_precision=PRECISION)
-        current = tl.where(step % k_steps == k_steps - 1, next_slot(slot, current), current)
-    return s
-
-
-@triton.jit
-def expand_from_registers(
-    acc, s, r0, rank, b_ptr, expert, slot, first_slot, num_slots, b_rows, b_row_mask,
-    stride_b_l, stride_b_e, stride_b_n, stride_b_r,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``acc[m, n] += sum_{r0 <= r < r0 + rank} s[m, r] * b[slot_m, expert, b_rows_n, r - r0]``.
-
-    ``s`` is this block's pre-scaled shrink output in registers (``shrink_in_registers``), in
-    ``b``'s dtype; one step per slot present in the block.
-    """
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = (offs_r >= r0) & (offs_r < r0 + rank)
-    current = first_slot
-    for _ in range(0, num_slots):
-        b = tl.load(
-            b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
-            + b_rows[None, :] * stride_b_n + (offs_r - r0)[:, None] * stride_b_r,
-            mask=b_row_mask[None, :] & r_mask[:, None],
-            other=0.0,
-        )  # fmt: skip
-        acc += tl.dot(tl.where((slot == current)[:, None], s, tl.zeros_like(s)), b, input_precision=PRECISION)
-        current = next_slot(slot, current)
     return acc

@@ -1,0 +1,71 @@
+"""The launch config schema (``torch_moe_lora.configs.LaunchConfig``) and the tuned files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from torch_moe_lora.configs import CONFIG_DIR, LaunchConfig, LinearLoRAConfig, get_config, get_linear_lora_config, parse_buckets
+
+FUSED_EXPERTS_FILES = ["default.json", "NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"]
+TILES = dict(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=3)
+VALID = dict(block_m=32, gate_up=TILES, down=TILES, shrink=dict(block_k=128, num_warps=4, num_stages=3))
+
+
+@pytest.mark.parametrize("name", FUSED_EXPERTS_FILES)
+def test_shipped_files_parse_and_hold_only_non_default_keys(name):
+    data = json.loads((CONFIG_DIR / name).read_text())
+    shapes = {name: data} if name == "default.json" else {f"{name}, {shape}": b for shape, b in data.items()}
+    for where, buckets in shapes.items():
+        for bucket, config in parse_buckets(buckets, where).items():
+            assert config.to_dict() == buckets[str(bucket)], f"{where}, bucket {bucket}: keys at their defaults"
+
+
+def test_defaults_and_round_trip():
+    config = LaunchConfig.from_dict(VALID)
+    switches = (config.sub_m, config.pair_blocks, config.tma, config.pdl, config.overlap_shrink)
+    assert switches == (16, False, False, True, True)
+    assert (config.shrink.max_block_r, config.shrink.slot_programs, config.sum.block_n) == (128, None, 1024)
+    assert config.to_dict() == VALID
+    assert LaunchConfig.from_dict(config.to_dict()) == config
+
+
+BAD_CONFIGS = [
+    ({"block_size": 16}, ValueError, r"f\.json: unknown key 'block_size'"),
+    ({"shrink": {**VALID["shrink"], "fuse": 1}}, ValueError, r"unknown key 'shrink\.fuse'"),
+    ({"block_m": True}, TypeError, r"f\.json: block_m must be int, got True"),
+    ({"tma": 1}, TypeError, "tma must be bool, got 1"),
+    ({"gate_up": {**TILES, "block_n": "64"}}, TypeError, r"gate_up\.block_n must be int"),
+    ({"gate_up": [64]}, TypeError, "gate_up must be an object"),
+    ({"shrink": {**VALID["shrink"], "slot_programs": 0}}, ValueError, r"shrink\.slot_programs must be >= 1, got 0"),
+    ({"down": {**TILES, "block_k": 48}}, ValueError, r"down\.block_k must be a power of two, got 48"),
+    ({"sub_m": 64}, ValueError, "block_m 32 must be a multiple of sub_m 64"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), BAD_CONFIGS)
+def test_bad_configs_raise_naming_the_file_and_key(change, error, message):
+    with pytest.raises(error, match=message):
+        LaunchConfig.from_dict({**VALID, **change}, "f.json")
+
+
+def test_missing_key_raises():
+    with pytest.raises(ValueError, match="f.json: missing key 'down'"):
+        LaunchConfig.from_dict({k: v for k, v in VALID.items() if k != "down"}, "f.json")
+
+
+def test_get_config_picks_the_bucket():
+    assert get_config("NVIDIA H200", 128, 2048, 768, 8, 1).pair_blocks
+    assert get_config("NVIDIA H200", 128, 2048, 768, 8, 100000).block_m == 128, "past the last bucket: the largest"
+    assert get_config("a device without a file", 8, 64, 32, 2, 1) == get_config(None, 8, 64, 32, 2, 1)
+    assert isinstance(get_config(None, 8, 64, 32, 2, 1), LaunchConfig)
+
+
+def test_linear_lora_configs_parse_and_pick_by_token_count():
+    buckets = parse_buckets(json.loads((CONFIG_DIR / "lora_linear.json").read_text()), "lora_linear.json", LinearLoRAConfig)
+    assert get_linear_lora_config(1) == buckets[min(buckets)]
+    assert get_linear_lora_config(10**9) == buckets[max(buckets)]
+    with pytest.raises(ValueError, match=r"x.json, bucket 8: unknown key 'expand.block_n'"):
+        bad = {"block_m": 16, "shrink": {"block": 64, "num_warps": 4, "num_stages": 2}, "expand": {"block_n": 64}}
+        parse_buckets({"8": bad}, "x.json", LinearLoRAConfig)
