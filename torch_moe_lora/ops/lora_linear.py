@@ -123,7 +123,7 @@ def _expand_kernel(
     u_ptr, b_ptr, out_ptr, row_order_ptr, slot_row_start_ptr,
     num_slots, num_rows, tokens_per_row, out_features, rank,
     stride_u_m, stride_u_r, stride_b_l, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    EXPAND_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """``out[token(pos), n] += u[pos] @ b[slot, n]^T`` for one block and one column tile."""
     slot, start, end = _block_segment(tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M)
@@ -144,7 +144,8 @@ def _expand_kernel(
         mask=n_mask[None, :] & r_mask[:, None],
         other=0.0,
     )
-    delta = tl.dot(u, b, input_precision=PRECISION)
+    # u is float32: the expand multiplies in tf32 (float32 in full) rather than rounding u to x's dtype.
+    delta = tl.dot(u, b.to(tl.float32), input_precision=EXPAND_PRECISION)
     out = out_ptr + token[:, None] * stride_out_m + offs_n[None, :] * stride_out_n
     mask = valid[:, None] & n_mask[None, :]
     base = tl.load(out, mask=mask, other=0.0)
@@ -162,7 +163,7 @@ def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lo
     tokens_per_row = num_tokens // row_order.shape[0]
     # Blocks of one slot never hold another's tokens: at most one partial block per slot.
     grid_m = triton.cdiv(num_tokens, block_m) + num_slots
-    u = x.new_empty(num_tokens, rank)
+    u = x.new_empty(num_tokens, rank, dtype=torch.float32)
     precision = dot_precision(x.dtype)
     segments = (row_order, slot_row_start, num_slots, row_order.shape[0], tokens_per_row)
     shrink, expand = cfg.shrink, cfg.expand
@@ -173,7 +174,7 @@ def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lo
     )  # fmt: skip
     _expand_kernel[(grid_m, triton.cdiv(out_features, expand.block))](
         u, lora_b, out, *segments, out_features, rank, *u.stride(), *lora_b.stride(), *out.stride(),
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=expand.block, BLOCK_R=block_r,
+        EXPAND_PRECISION=precision or "tf32", BLOCK_M=block_m, BLOCK_N=expand.block, BLOCK_R=block_r,
         num_warps=expand.num_warps, num_stages=expand.num_stages,
     )  # fmt: skip
 
