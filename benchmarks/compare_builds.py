@@ -1,4 +1,4 @@
-"""Are two builds of the library bit-for-bit the same on the GPU? (for refactors of the kernels)
+"""Are two builds of the library bit-for-bit the same on the GPU, and as fast? (for refactors)
 
 ``dump`` runs the public ``fused_experts`` op of whichever ``torch_moe_lora`` is on ``sys.path``
 (its tuned launch configs included) over fixed problems of the benchmark shapes, decode to prefill,
@@ -8,13 +8,17 @@ prints, per problem, whether they are equal element for element.
     PYTHONPATH=OLD_TREE python benchmarks/compare_builds.py dump old.pt
     python benchmarks/compare_builds.py dump new.pt
     python benchmarks/compare_builds.py compare old.pt new.pt
+    PYTHONPATH=OLD_TREE python benchmarks/compare_builds.py time   # then without PYTHONPATH
 
+``time`` prints the CUDA-graph time of the op on the Qwen3-30B-A3B shape, decode to prefill, with
+16 adapters of rank 16 and without LoRA: run it for each build alternately in one lease and compare.
 Only the op's public signature is used, so any two versions of the library can be compared.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -58,6 +62,21 @@ def dump(path: str) -> None:
     print(f"{len(outputs)} outputs saved to {path}")
 
 
+def time_builds() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import time_graph
+
+    from torch_moe_lora import LoRAWeights, fused_experts
+
+    for name, x, ids, weights, w13, w2, token_lora, lora in problems():
+        if not name.startswith("qwen3") or name.endswith("T=4"):
+            continue
+        lora = LoRAWeights(*lora)
+        with_lora = time_graph([lambda: fused_experts(x, ids, weights, w13, w2, token_lora=token_lora, lora=lora)])
+        without = time_graph([lambda: fused_experts(x, ids, weights, w13, w2)])
+        print(f"{name:24} LoRA {with_lora:.4f} ms   no LoRA {without:.4f} ms")
+
+
 def compare(old_path: str, new_path: str) -> None:
     old, new = torch.load(old_path), torch.load(new_path)
     different = [name for name in old if not torch.equal(old[name], new[name])]
@@ -71,6 +90,8 @@ def compare(old_path: str, new_path: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["dump"]:
         dump(sys.argv[2])
+    elif sys.argv[1:2] == ["time"]:
+        time_builds()
     elif sys.argv[1:2] == ["compare"]:
         compare(sys.argv[2], sys.argv[3])
     else:

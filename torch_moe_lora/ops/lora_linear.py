@@ -57,26 +57,26 @@ def slot_segments(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, to
 
 
 @triton.jit
-def _block_segment(block, slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M: tl.constexpr):
+def _block_segment(
+    block, slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr
+):  # fmt: skip
     """(slot, first position, end position) of block ``block`` in the slot-sorted token order, or
     slot -1 past the last block. Slot ``l``'s blocks follow slot ``l - 1``'s; positions count
-    tokens: row ``row_order[p // tokens_per_row]``, token ``p % tokens_per_row`` of it. Segment
-    bounds are clamped to ``[0, num_rows]``, so no table can make a program read past ``row_order``."""
-    slot = block * 0 - 1
-    start = block * 0
-    end = block * 0
-    blocks_before = block * 0
-    row_start = tl.minimum(tl.maximum(tl.load(slot_row_start_ptr), 0), num_rows)
-    for s in range(0, num_slots):
-        row_end = tl.minimum(tl.maximum(tl.load(slot_row_start_ptr + s + 1), row_start), num_rows)
-        count = (row_end - row_start) * tokens_per_row
-        num_blocks = tl.cdiv(count, BLOCK_M)
-        hit = (block >= blocks_before) & (block < blocks_before + num_blocks)
-        slot = tl.where(hit, s, slot)
-        start = tl.where(hit, row_start * tokens_per_row + (block - blocks_before) * BLOCK_M, start)
-        end = tl.where(hit, row_end * tokens_per_row, end)
-        blocks_before += num_blocks
-        row_start = row_end
+    tokens: row ``row_order[p // tokens_per_row]``, token ``p % tokens_per_row`` of it. The whole
+    table is read in one vector load (``BLOCK_L >= L``), so a program pays one memory latency for
+    it, and segment bounds are clamped to ``[0, num_rows]``: no table makes a program read past
+    ``row_order``."""
+    slots = tl.arange(0, BLOCK_L)
+    present = slots < num_slots
+    row_start = tl.minimum(tl.maximum(tl.load(slot_row_start_ptr + slots, mask=present, other=0), 0), num_rows)
+    row_end = tl.load(slot_row_start_ptr + slots + 1, mask=present, other=0)
+    row_end = tl.minimum(tl.maximum(row_end, row_start), num_rows)
+    blocks = tl.cdiv((row_end - row_start) * tokens_per_row, BLOCK_M)
+    blocks_after = tl.cumsum(blocks, 0)
+    hit = (block >= blocks_after - blocks) & (block < blocks_after)
+    slot = tl.max(tl.where(hit, slots, -1), 0)
+    start = tl.sum(tl.where(hit, row_start * tokens_per_row + (block - blocks_after + blocks) * BLOCK_M, 0), 0)
+    end = tl.sum(tl.where(hit, row_end * tokens_per_row, 0), 0)
     return slot, start, end
 
 
@@ -97,9 +97,12 @@ def _shrink_kernel(
     num_slots, num_rows, tokens_per_row, in_features, rank,
     stride_x_m, stride_x_k, stride_a_l, stride_a_r, stride_a_k, stride_u_m, stride_u_r,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """``u[pos] = scale[slot] * x[token(pos)] @ a[slot]^T`` for the tokens of one block (one slot)."""
-    slot, start, end = _block_segment(tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M)
+    slot, start, end = _block_segment(
+        tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M, BLOCK_L
+    )
     if slot < 0:
         return
     pos, valid, token = _block_tokens(start, end, row_order_ptr, num_rows, tokens_per_row, BLOCK_M)
@@ -124,9 +127,12 @@ def _expand_kernel(
     num_slots, num_rows, tokens_per_row, out_features, rank,
     stride_u_m, stride_u_r, stride_b_l, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
     EXPAND_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """``out[token(pos), n] += u[pos] @ b[slot, n]^T`` for one block and one column tile."""
-    slot, start, end = _block_segment(tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M)
+    slot, start, end = _block_segment(
+        tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M, BLOCK_L
+    )
     if slot < 0:
         return
     pos, valid, token = _block_tokens(start, end, row_order_ptr, num_rows, tokens_per_row, BLOCK_M)
@@ -159,7 +165,7 @@ def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lo
     if num_tokens == 0 or rank == 0:
         return
     cfg = get_linear_lora_config(num_tokens)
-    block_m, block_r = cfg.block_m, rank_block(rank)
+    block_m, block_r, block_l = cfg.block_m, rank_block(rank), triton.next_power_of_2(num_slots)
     tokens_per_row = num_tokens // row_order.shape[0]
     # Blocks of one slot never hold another's tokens: at most one partial block per slot.
     grid_m = triton.cdiv(num_tokens, block_m) + num_slots
@@ -169,12 +175,13 @@ def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lo
     shrink, expand = cfg.shrink, cfg.expand
     _shrink_kernel[(grid_m,)](
         x, lora_a, lora_scale, u, *segments, in_features, rank, *x.stride(), *lora_a.stride(), *u.stride(),
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=shrink.block,
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=shrink.block, BLOCK_L=block_l,
         num_warps=shrink.num_warps, num_stages=shrink.num_stages,
     )  # fmt: skip
     _expand_kernel[(grid_m, triton.cdiv(out_features, expand.block))](
         u, lora_b, out, *segments, out_features, rank, *u.stride(), *lora_b.stride(), *out.stride(),
         EXPAND_PRECISION=precision or "tf32", BLOCK_M=block_m, BLOCK_N=expand.block, BLOCK_R=block_r,
+        BLOCK_L=block_l,
         num_warps=expand.num_warps, num_stages=expand.num_stages,
     )  # fmt: skip
 
