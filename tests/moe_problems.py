@@ -134,21 +134,34 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_to
     )
 
 
-# One adapter slot's table entries poisoned (slot index tensor v): NaN, Inf, overflowing scales.
+# One adapter slot's table entries poisoned (slot index tensor v). The kernels keep every one of
+# these in the slot's own tokens. ``NONFINITE_B`` too, on the PyTorch path only: the GPU expand adds
+# ``0 * B`` of each slot present in a block to the others' rows, so slot tables refuse them.
+def _fill(field: str, value: float):
+    return lambda w, v: w._replace(**{field: getattr(w, field).index_fill(0, v, value)})
+
+
+def _huge(w) -> float:
+    return torch.finfo(w.gate_up_b.dtype).max / 2
+
+
 POISONS = {
-    "nan_gate_up_a": lambda w, v: w._replace(gate_up_a=w.gate_up_a.index_fill(0, v, float("nan"))),
-    "inf_gate_up_b": lambda w, v: w._replace(gate_up_b=w.gate_up_b.index_fill(0, v, float("inf"))),
-    "nan_down_a": lambda w, v: w._replace(down_a=w.down_a.index_fill(0, v, float("nan"))),
-    "inf_down_b": lambda w, v: w._replace(down_b=w.down_b.index_fill(0, v, float("-inf"))),
-    "overflowing_scales": lambda w, v: w._replace(
-        gate_up_scale=w.gate_up_scale.index_fill(0, v, 3e38), down_scale=w.down_scale.index_fill(0, v, 3e38)
-    ),
+    "nan_gate_up_a": _fill("gate_up_a", float("nan")),
+    "inf_down_a": _fill("down_a", float("inf")),
+    "overflowing_scales": lambda w, v: _fill("down_scale", 3e38)(_fill("gate_up_scale", 3e38)(w, v), v),
+    "overflowing_gate_up_b": lambda w, v: _fill("gate_up_b", _huge(w))(w, v),
+    "overflowing_down_b": lambda w, v: _fill("down_b", -_huge(w))(w, v),
+}
+NONFINITE_B = {
+    "inf_gate_up_b": _fill("gate_up_b", float("inf")),
+    "nan_down_b": _fill("down_b", float("nan")),
 }
 
 
 def assert_poison_stays_in_its_rows(run, problem, victim: int, poison: str):
     clean = run(problem)
-    bad = dataclasses.replace(problem, lora=POISONS[poison](problem.lora, torch.tensor([victim], device=problem.x.device)))
+    poisons = {**POISONS, **NONFINITE_B}
+    bad = dataclasses.replace(problem, lora=poisons[poison](problem.lora, torch.tensor([victim], device=problem.x.device)))
     poisoned = run(bad)
     others = problem.token_lora != victim
     assert torch.equal(poisoned[others], clean[others]), f"{poison} in slot {victim} reached other tokens"

@@ -149,15 +149,16 @@ def poisoned_problems():
 
 @given(problem=poisoned_problems(), config=st.sampled_from(sorted(CONFIGS)), poison=st.sampled_from(sorted(POISONS)), data=st.data())
 def test_a_poisoned_slot_changes_no_other_token(problem, config, poison, data):
-    """NaN, Inf or overflow in one slot of the table: every token of another slot, and every token
-    without an adapter, is bit-identical to the run without it (blocks mix slots)."""
+    """NaN or Inf in one slot's A, or values that overflow: every token of another slot, and every
+    token without an adapter, is bit-identical to the run without it (blocks mix slots). Non-finite
+    B values are refused by the slot tables (``moe_problems.NONFINITE_B``)."""
     problem = problem.to(DEVICE)
     victim = data.draw(st.integers(0, problem.lora.num_slots - 1))
     assert_poison_stays_in_its_rows(lambda p: run_triton(p, CONFIGS[config]), problem, victim, poison)
 
 
 def test_poisoned_rows_of_a_mixed_block_stay_apart():
-    """One block holding every slot's tokens (many per expert): the victim's NaN stays in its rows."""
+    """One block holding every slot's tokens (many per expert): the victim's values stay in its rows."""
     problem = make_problem(T=24, H=32, I=16, E=2, K=2, L=4, R=8, no_adapter_fraction=0.2).to(DEVICE)
     for config in ("wide", "one_shrink_program"):
         for poison in POISONS:

@@ -10,6 +10,7 @@ replay with new mappings.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -163,6 +164,12 @@ class MultiLoRALinear(nn.Linear):
             )
         if rank > self.max_rank:
             raise ValueError(f"MultiLoRALinear.set_slot: rank {rank} > max_rank {self.max_rank}")
+        dtype = self.lora_a.dtype
+        if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite(b.to(dtype)).all() and math.isfinite(scale)):
+            raise ValueError(
+                f"MultiLoRALinear.set_slot: A, B and scale must be finite in the table's dtype {dtype} (a NaN or Inf, "
+                "or a value that overflows it)"
+            )
         self.clear_slot(slot)
         self.lora_a[slot, :rank].copy_(a)
         self.lora_b[slot, :, :rank].copy_(b)

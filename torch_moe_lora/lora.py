@@ -7,6 +7,7 @@ ranks share a table without changing its result.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -55,7 +56,9 @@ class ExpertLoRASlots:
 
     The tensors are allocated once; ``set_slot`` and ``clear_slot`` copy into them in place, so a
     compiled model or a captured CUDA graph that reads ``weights`` sees new adapters without
-    recompiling.
+    recompiling. ``set_slot`` refuses NaN and Inf (and values that overflow the table's dtype): the
+    GPU kernels add ``0 * B`` of every slot present in a block to the other rows, which is zero for
+    a finite B only, so write into ``weights`` directly only finite values.
 
     Args:
         num_slots: ``L``, adapters resident at once.
@@ -187,6 +190,15 @@ class ExpertLoRASlots:
             a, b = self._check_pair("down", down, I, H)
             new_down_a[:, : a.shape[1]] = a
             new_down_b[:, :, : b.shape[2]] = b
+        for name, t in (("gate_up A", new_a), ("gate_up B", new_b), ("down A", new_down_a), ("down B", new_down_b)):
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"ExpertLoRASlots.set_slot: {name} holds NaN or Inf in the table's dtype {t.dtype} (a non-finite "
+                    "value, or one that overflows it)"
+                )
+        for name, scale in (("gate_up_scale", gate_up_scale), ("down_scale", down_scale)):
+            if not math.isfinite(scale):
+                raise ValueError(f"ExpertLoRASlots.set_slot: {name} must be finite, got {scale}")
         w.gate_up_a[slot].copy_(new_a)
         w.gate_up_b[slot].copy_(new_b)
         w.down_a[slot].copy_(new_down_a)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -83,6 +85,43 @@ def _check_rank(adapter: AdapterLoRA, max_rank: int, joined: bool = False) -> No
         f"adapter {adapter.name!r}: rank {adapter.rank}{how} > the tables' max_rank {max_rank} (every slot is "
         "padded to max_rank; give patch_model a max_rank as large as the largest adapter you will load)"
     )
+
+
+def _check_finite(adapter: AdapterLoRA, source, model: nn.Module, blocks: list[MoEBlock]) -> None:
+    """Refuses an adapter with a NaN or Inf in its weights or scales, or with values that overflow
+    the dtype of the table they go into: such an adapter is broken, and the GPU experts kernels add
+    ``0 * B`` of every slot present in a block to the rows of the others (exactly zero for a finite
+    B only).
+
+    Raises:
+        ValueError: naming the adapter, its directory and the module.
+    """
+    where = f"adapter {adapter.name!r}"
+    if isinstance(source, (str, os.PathLike)):
+        where += f" ({os.fspath(source)})"
+    block_dtype = {b.name: b.spec.w13(b.experts).dtype for b in blocks}
+    checks = []
+    for name, lora in adapter.linears.items():
+        dtype = model.get_submodule(name).weight.dtype
+        checks += [(f"{name} lora_A", lora.a, dtype), (f"{name} lora_B", lora.b, dtype), (f"{name} scale", lora.scale, None)]
+    for name, lora in adapter.experts.items():
+        for role in ("gate_up", "gate", "up", "down"):
+            pair = getattr(lora, role)
+            if pair is not None:
+                checks += [(f"{name} experts {role} lora_A", pair[0], block_dtype[name])]
+                checks += [(f"{name} experts {role} lora_B", pair[1], block_dtype[name])]
+        checks += [(f"{name} experts gate_up scale", lora.gate_up_scale, None)]
+        checks += [(f"{name} experts down scale", lora.down_scale, None)]
+    for what, value, dtype in checks:
+        if dtype is None:
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: {what} is {value}")
+        elif not torch.isfinite(value).all():
+            raise ValueError(f"{where}: {what} holds NaN or Inf")
+        elif not torch.isfinite(value.to(dtype)).all():
+            raise ValueError(
+                f"{where}: {what} overflows {dtype}, the model's dtype (largest |value| {value.abs().max().item():.3g})"
+            )
 
 
 class MoELoRAModel:
@@ -205,6 +244,7 @@ class MoELoRAModel:
         """Reads and checks an adapter against the tables; raises before anything changes."""
         self._check_patched()
         adapter = read_adapter(name, source, self.model, self.blocks, self.sharding)
+        _check_finite(adapter, source, self.model, self.blocks)
         joined = adapter.split_gate_up and not next(iter(self._tables.values())).weights.split_gate_up
         if joined:
             experts = dict(adapter.experts)
@@ -257,8 +297,9 @@ class MoELoRAModel:
             The slot it occupies.
 
         Raises:
-            ValueError: the name is taken, every slot is used, the rank exceeds ``max_rank``, or the
-                adapter does not fit the model. NotImplementedError: an unsupported PEFT feature.
+            ValueError: the name is taken, every slot is used, the rank exceeds ``max_rank``, the
+                adapter does not fit the model, or its weights hold NaN or Inf or overflow the model's
+                dtype. NotImplementedError: an unsupported PEFT feature.
         """
         check_adapter_name(name)
         with self._lock:
@@ -449,6 +490,8 @@ def patch_model(
     if any(hasattr(block.experts, _STATE_ATTR) for block in blocks):
         raise ValueError(f"{type(model).__name__} is already patched; call unpatch() on its handle first")
     adapters = {name: read_adapter(name, source, model, blocks, sharding) for name, source in loras.items()}
+    for name, adapter in adapters.items():
+        _check_finite(adapter, loras[name], model, blocks)
     if not adapters and (max_loras is None or max_rank is None):
         raise ValueError("patch_model: without adapters, give max_loras and max_rank")
     max_loras = len(adapters) if max_loras is None else max_loras

@@ -181,8 +181,10 @@ def lora_steps(
     """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
 
     One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
-    ``s`` (other rows masked to zero), the B operand its LoRA B with non-finite entries read as zero,
-    so that no value of one adapter reaches another's rows. ``first_slot`` and ``num_slots`` are
+    ``s`` (other rows masked to zero), the B operand its LoRA B. Other rows add ``0 * B``: exactly
+    zero for a finite B, which is why slot tables refuse non-finite values (``ExpertLoRASlots``);
+    a NaN or Inf written into a B directly would reach them. (Reading B's non-finite entries as
+    zero, or selecting each step's product per row, cost 18-31% at prefill on the H200.) ``first_slot`` and ``num_slots`` are
     ``block_slots(slot)``, computed once per program by the caller. A ``for`` loop over a step count
     known before it starts, so the compiler pipelines the loads of the next slots with this one's dot.
     """
@@ -200,10 +202,6 @@ def lora_steps(
             mask=b_row_mask[None, :] & r_mask[:, None],
             other=0.0,
         )
-        # A NaN or Inf in this slot's B times the zero rows of s (other slots, no adapter) would be
-        # NaN in their rows: such entries are read as zero. (Selecting the product per row instead
-        # keeps a second accumulator live and cost ~20% at prefill on the H200.)
-        b = tl.where(b - b == 0, b, 0.0)
         acc += tl.dot(s, b, input_precision=PRECISION)
         current = tl.where(step % r_steps == r_steps - 1, next_slot(slot, current), current)
     return acc
