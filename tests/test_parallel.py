@@ -21,7 +21,7 @@ from test_patch import ADAPTERS, GENERATE, ROWS, batch_ids, make_peft_adapters
 from utils import assert_close_verbose
 
 from torch_moe_lora import fused_experts, patch_model
-from torch_moe_lora.adapters import ExpertsLoRA, StoredTensor, load_adapter_files, read_adapter
+from torch_moe_lora.adapters import BlockLoRA, StoredTensor, load_adapter_files, read_adapter
 from torch_moe_lora.models import find_moe_blocks
 from torch_moe_lora.parallel import ExpertSharding, fused_experts_expert_parallel
 from torch_moe_lora.reference import gate_rows_ref
@@ -238,7 +238,7 @@ def test_shards_hold_their_slices(family):
         assert full.device.type == "meta" and full.shape == getattr(whole.experts, block.spec.w13_name).shape
 
 
-def plain_shard(lora: ExpertsLoRA, block, sharding: ExpertSharding) -> ExpertsLoRA:
+def plain_shard(lora: BlockLoRA, block, sharding: ExpertSharding) -> BlockLoRA:
     """This rank's slices of a whole-model expert LoRA, cut from the op-layout tensors."""
 
     def span(size: int) -> slice:
@@ -260,7 +260,7 @@ def plain_shard(lora: ExpertsLoRA, block, sharding: ExpertSharding) -> ExpertsLo
     return lora._replace(**{role: cut(getattr(lora, role), role) for role in ("gate_up", "gate", "up", "down")})
 
 
-def assert_same_lora(got: ExpertsLoRA, want: ExpertsLoRA, what: str) -> None:
+def assert_same_lora(got: BlockLoRA, want: BlockLoRA, what: str) -> None:
     for role in ("gate_up", "gate", "up", "down"):
         g, w = getattr(got, role), getattr(want, role)
         assert (g is None) == (w is None), (what, role)

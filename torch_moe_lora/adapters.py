@@ -41,18 +41,9 @@ from .adapter_config import AdapterConfig, LoRALayer, StoredTensor, adapter_wher
 from .adapter_config import load_adapter_files  # noqa: F401  (callers import it from here)
 from .linear import MultiLoRALinear
 from .models import LegacyTarget, MoEBlock, legacy_expert_target
+from .parallel import whole_parameter
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-FULL_PARAMETERS_ATTR = "_moe_lora_full_parameters"
-"""Attribute of an experts module whose parameters were sharded (``parallel.py``): name -> a meta
-tensor of the whole parameter's shape, against which adapters written for the whole model are read."""
-
-
-def _whole_parameter(experts: nn.Module, name: str) -> torch.Tensor:
-    """The parameter ``name`` as the whole model has it (its full-shape meta tensor on a shard)."""
-    return getattr(experts, FULL_PARAMETERS_ATTR, {}).get(name, getattr(experts, name))
 
 
 class LinearLoRA(NamedTuple):
@@ -63,7 +54,7 @@ class LinearLoRA(NamedTuple):
     scale: float
 
 
-class ExpertsLoRA(NamedTuple):
+class BlockLoRA(NamedTuple):
     """The LoRA of one MoE block's experts, in the op's layout (``w13 [E, 2I, H]``, ``w2 [E, H, I]``).
 
     Each projection is ``(A [E, r, in], B [E, out, r])`` or None: ``gate_up`` (joint, from
@@ -89,7 +80,7 @@ class ExpertsLoRA(NamedTuple):
         """The largest rank of its projections."""
         return max(pair[0].shape[1] for pair in (self.gate_up, self.gate, self.up, self.down) if pair is not None)
 
-    def joined(self, gate_rows: torch.Tensor) -> ExpertsLoRA:
+    def joined(self, gate_rows: torch.Tensor) -> BlockLoRA:
         """The same LoRA with gate and up joined into one gate_up LoRA of rank ``r_gate + r_up``.
 
         A stacks the gate and up A's; B is block-diagonal (gate rows read the gate part of the rank,
@@ -117,7 +108,7 @@ class AdapterLoRA(NamedTuple):
     """One adapter read for one model: expert LoRAs by MoE block name, linear LoRAs by module name."""
 
     name: str
-    experts: dict[str, ExpertsLoRA]
+    experts: dict[str, BlockLoRA]
     linears: dict[str, LinearLoRA]
 
     @property
@@ -249,7 +240,7 @@ class _Reader:
         """``(A [E, r, in], B [E, out, r])`` in the op's layout (this rank's slices only, under
         parallelism), and the scale."""
         experts, spec = block.experts, block.spec
-        weight = _whole_parameter(experts, param)
+        weight = whole_parameter(experts, param)
         num_experts, d1, d2 = weight.shape
         peft_transposed = bool(getattr(experts, "is_transposed", False))
         peft_in, peft_out = (d1, d2) if peft_transposed else (d2, d1)
@@ -298,8 +289,8 @@ class _Reader:
         largest-magnitude scale of the role, which is returned with the stacked pair. Under
         parallelism only this rank's experts and slices are read and stacked.
         """
-        w13 = _whole_parameter(block.experts, block.spec.w13_name)
-        w2 = _whole_parameter(block.experts, block.spec.w2_name)
+        w13 = whole_parameter(block.experts, block.spec.w13_name)
+        w2 = whole_parameter(block.experts, block.spec.w2_name)
         if block.spec.transposed:
             w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         num_experts, hidden, inter = w2.shape
@@ -399,13 +390,13 @@ class _Reader:
             stacklevel=4,
         )
 
-    def experts_lora(self, joint: dict, legacy: dict, block: MoEBlock) -> ExpertsLoRA:
+    def experts_lora(self, joint: dict, legacy: dict, block: MoEBlock) -> BlockLoRA:
         pairs = joint or self.legacy_pairs(legacy, block)
         gate_up_scale = max((pairs[r][1] for r in ("gate_up", "gate", "up") if r in pairs), key=abs, default=1.0)
         folded = {}
         for role, ((a, b), scale) in pairs.items():
             folded[role] = (a, _fold(b, scale, gate_up_scale) if role in ("gate", "up") else b)
-        return ExpertsLoRA(
+        return BlockLoRA(
             gate_up=folded.get("gate_up"),
             gate=folded.get("gate"),
             up=folded.get("up"),
@@ -432,7 +423,7 @@ def read_adapter(name: str, source, model: nn.Module, blocks: list[MoEBlock], sh
             and from a directory only those slices are read from the file. None: whole.
 
     Returns:
-        An ``AdapterLoRA``: ``experts`` maps MoE block names to ``ExpertsLoRA`` (``A [E, r, in]``,
+        An ``AdapterLoRA``: ``experts`` maps MoE block names to ``BlockLoRA`` (``A [E, r, in]``,
         ``B [E, out, r]`` in the op's layout, sliced by ``sharding``), ``linears`` maps
         ``nn.Linear`` names to ``LinearLoRA`` (``A [r, in]``, ``B [out, r]``); tensors on the CPU.
 

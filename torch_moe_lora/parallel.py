@@ -35,12 +35,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
-from .adapters import FULL_PARAMETERS_ATTR
 from .lora import LoRAWeights
 from .models import MoEBlock
 from .ops.fused_experts import fused_experts
 
 MODES = ("tensor", "expert")
+
+FULL_PARAMETERS_ATTR = "_moe_lora_full_parameters"
+"""Attribute of an experts module whose parameters were sharded here: name -> a meta tensor of the
+whole parameter's shape, against which adapters written for the whole model are read."""
+
+
+def whole_parameter(experts: nn.Module, name: str) -> torch.Tensor:
+    """The parameter ``name`` as the whole model has it (its full-shape meta tensor on a shard)."""
+    return getattr(experts, FULL_PARAMETERS_ATTR, {}).get(name, getattr(experts, name))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ EXPERTS_IMPLEMENTATION = "moe_lora"
 _STATE_ATTR = "_moe_lora"
 
 
-class _ExpertsLoRA:
+class _PatchedExperts:
     """What the patched experts of one block read: their spec, LoRA table, the row mapping and,
     under parallelism, this rank's sharding (local expert ids, then one all-reduce of the output)."""
 
@@ -180,7 +180,7 @@ class MoELoRAModel:
     def _patch_blocks(self) -> None:
         ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
         for block in self.blocks:
-            state = _ExpertsLoRA(block.spec, self._tables[block.name], self.row_slots, self.sharding)
+            state = _PatchedExperts(block.spec, self._tables[block.name], self.row_slots, self.sharding)
             setattr(block.experts, _STATE_ATTR, state)
             if _is_interface_block(block):
                 config = block.experts.config
