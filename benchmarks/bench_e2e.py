@@ -3,7 +3,8 @@
 The model has Qwen3-30B-A3B's layer shapes (hidden 2048, 128 experts of 768, top-8, 32/4 heads)
 with fewer layers and random weights. Adapters (rank 16 on the experts' gate_up/down and the
 attention projections) are made with PEFT and saved; ``patch_model`` serves 1, 4 or 16 of them in
-one batch, each row on its own adapter. PEFT serves one adapter per batch (every row on it).
+one batch, each row on its own adapter. PEFT serves one adapter per batch (every row on it). Writes
+``<out>/<gpu>/e2e_qwen3_30b_a3b_layers.json``; ``plot.py`` draws it.
 
     python benchmarks/bench_e2e.py --layers 4 --batch 16 --new-tokens 64 --out benchmarks/results
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,17 +20,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))
+from torch_moe_lora import patch_model
 
-from torch_moe_lora import patch_model  # noqa: E402
-from torch_moe_lora.configs import device_file_name  # noqa: E402
+from common import SHAPES, results_dir
 
 
 def qwen3_30b_layers(num_layers: int) -> Qwen3MoeConfig:
+    hidden, inter, num_experts, top_k = SHAPES["qwen3_30b_a3b"]
     return Qwen3MoeConfig(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        vocab_size=151936, hidden_size=hidden, intermediate_size=6144, moe_intermediate_size=inter,
         num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096,
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, max_position_embeddings=4096,
     )  # fmt: skip
 
 
@@ -126,9 +126,9 @@ def main():
             record(f"patched + compiled, {in_batch} adapters in the batch", tps)
         handle.unpatch()
         record("unpatched + compiled, no LoRA", tokens_per_second(model, ids, args.new_tokens, compiled=True))
-    out_dir = args.out / device_file_name(device).removesuffix(".json")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "e2e_qwen3_30b_a3b_layers.json").write_text(json.dumps(dict(device=device, args=vars(args) | {"out": str(args.out), "adapter_dir": str(args.adapter_dir)}, rows=rows), indent=1))
+    setup = {key: value for key, value in vars(args).items() if key not in ("out", "adapter_dir")}
+    result = dict(device=device, args=setup, rows=rows)
+    (results_dir(args.out, device) / "e2e_qwen3_30b_a3b_layers.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

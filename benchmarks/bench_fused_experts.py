@@ -6,38 +6,33 @@ plus a per-adapter LoRA loop, what transformers + PEFT-style code runs today, ea
 (touched expert and LoRA weight bytes plus activations over the measured read bandwidth of a kernel
 that streams a buffer well over L2, FLOPs over the measured bf16 matmul rate; the larger of the
 two), our % of roofline, the LoRA overhead and the share of LoRA in the roofline's bytes/FLOPs;
-then, per shape and token count, the cells that miss the performance targets (``targets.py``).
+then, per shape and token count, the cells that miss the performance targets
+(``performance_targets.py``). Writes ``<out>/<gpu>/fused_experts.json`` (``fused_experts_<shapes>.json``
+for a subset of the shapes); ``plot.py`` draws it.
 
     python benchmarks/bench_fused_experts.py --out benchmarks/results
+    python benchmarks/plot.py benchmarks/results/<gpu>
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import measure_ceilings, random_lora, random_routing, time_eager, time_graph, token_mapping  # noqa: E402
-from targets import summarize  # noqa: E402
+from torch_moe_lora import fused_experts
 
-from torch_moe_lora import fused_experts  # noqa: E402
-from torch_moe_lora.configs import device_file_name  # noqa: E402
+from common import (
+    NUM_SLOTS, SHAPES, TOKENS, measure_ceilings, random_experts, random_lora, random_tokens, results_dir, time_eager,
+    time_graph, token_mapping,
+)  # fmt: skip
+from performance_targets import summarize
 
-SHAPES = {  # name: (H, I, E, K)
-    "qwen3_30b_a3b": (2048, 768, 128, 8),
-    "deepseek_v2_lite": (2048, 1408, 64, 6),
-    "mixtral_8x7b": (4096, 14336, 8, 2),
-    "fine_grained": (2048, 512, 512, 10),
-}
-TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 RANKS = (16, 64)
 SCENARIOS = ("uniform1", "uniform4", "uniform16", "one", "half_none")
-NUM_SLOTS = 16
 
 
 def torch_baseline(x, topk_ids, topk_weights, w13, w2, token_lora, lora):
@@ -94,15 +89,11 @@ def roofline(shape, topk_ids, token_lora, rank, dtype_bytes, ceilings):
 
 def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloat16):
     hidden, inter, num_experts, top_k = shape
-    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda") * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device="cuda") * inter**-0.5
+    w13, w2 = random_experts(shape, dtype)
     rows = []
     for num_tokens in tokens:
         rotations = 4 if num_tokens <= 256 else 2
-        inputs = []
-        for _ in range(rotations):
-            x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
-            inputs.append((x, *random_routing(num_tokens, num_experts, top_k)))
+        inputs = [random_tokens(shape, num_tokens, dtype) for _ in range(rotations)]
         for rank in ranks:
             lora = random_lora(NUM_SLOTS, num_experts, hidden, inter, rank, dtype)
             none = token_mapping(num_tokens, "none", NUM_SLOTS)
@@ -152,32 +143,6 @@ def format_row(r):
     )
 
 
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = sorted({r["shape"] for r in rows})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        for rank in sorted({r["rank"] for r in rows}):
-            sel = [r for r in rows if r["shape"] == shape and r["rank"] == rank and r["scenario"] == "uniform16"]
-            ax.plot([r["T"] for r in sel], [r["pct_roofline"] for r in sel], marker="o", label=f"rank {rank}, 16 adapters")
-        ax.set_xscale("log", base=2)
-        # The byte ceiling is the measured read bandwidth, so cells should stay under 100%; the range
-        # still stretches to show any that pass it.
-        ax.set_ylim(0, max(100, max((r["pct_roofline"] for r in rows if r["shape"] == shape), default=0) + 10))
-        ax.axhline(100, color="gray", lw=0.8)
-        ax.set_title(shape)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("% of roofline")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -195,8 +160,7 @@ def main():
         flush=True,
     )
     print(HEADER, flush=True)
-    out_dir = args.out / device_file_name(device).removesuffix(".json")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, device)
     stem = "fused_experts_" + "_".join(args.shapes) if args.shapes != list(SHAPES) else "fused_experts"
     rows = []
     for name in args.shapes:
@@ -206,7 +170,6 @@ def main():
         (out_dir / f"{stem}.json").write_text(
             json.dumps(dict(device=device, ceilings=vars(ceilings), rows=rows), indent=1)
         )
-    plot(rows, out_dir / f"{stem}.png")
     print(HEADER)
     for r in rows:
         print(format_row(r))

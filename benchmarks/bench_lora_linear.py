@@ -12,23 +12,23 @@ one CUDA graph per row of the table:
 
 The LoRA roofline counts the bytes one adapter per distinct slot must read (its A and B) plus x
 read and out read and written once more, over the measured read bandwidth; the table prints it
-with the LoRA time (``ours - base``). Writes ``benchmarks/results/<gpu>/lora_linear.json``.
+with the LoRA time (``ours - base``). Writes ``<out>/<gpu>/lora_linear.json``; ``plot.py`` draws it.
 
-    python benchmarks/bench_lora_linear.py [--slots 16] [--rank 16]
+    python benchmarks/bench_lora_linear.py [--slots 16] [--rank 16] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import measure_ceilings, time_graph
 
 from torch_moe_lora import add_lora_linear, slot_segments
+
+from common import measure_ceilings, results_dir, time_graph
 
 PROJECTIONS = {"q_proj": (2048, 4096), "o_proj": (4096, 2048)}
 BATCHES = [(1, 1), (16, 1), (64, 1), (256, 1), (4, 256), (16, 256)]  # (rows, tokens per row)
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--inputs", type=int, default=4, help="input sets rotated inside the graph")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.manual_seed(0)
     ceilings = measure_ceilings()
@@ -89,10 +90,8 @@ def main() -> None:
             rows_out.append(row)
             print(f"{proj:7} {rows:5d} {per_row:7d} {base_ms:9.4f} {ours_ms:9.4f} {dense_ms:12.4f} "
                   f"{ours_ms - base_ms:8.4f} {roofline_ms:16.4f} {ours_ms / dense_ms:14.2f}")  # fmt: skip
-    out_dir = Path(__file__).parent / "results" / re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = dict(device=gpu, read_bytes_per_s=ceilings.read_bytes_per_s, dtype="bfloat16", rows=rows_out)
-    (out_dir / "lora_linear.json").write_text(json.dumps(result, indent=1) + "\n")
+    (results_dir(args.out, gpu) / "lora_linear.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

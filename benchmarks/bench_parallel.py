@@ -12,7 +12,8 @@ ranks, the slower rank counting):
   ``fused_experts_expert_parallel`` (all-gather, reduce-scatter); not run at T = 1;
 * ``all-reduce``: the [T, H] all-reduce alone, for scale.
 
-Every split output is checked against the one-GPU output (max |diff| over max |ref|).
+Every split output is checked against the one-GPU output (max |diff| over max |ref|). Writes
+``<out>/<gpu>/parallel.json`` and ``parallel_table.txt``; ``plot.py`` draws the JSON.
 
     python benchmarks/bench_parallel.py --out benchmarks/results
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -30,16 +30,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed import _functional_collectives as funcol
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import random_lora, random_routing, time_graph, token_mapping  # noqa: E402
+from torch_moe_lora import LoRAWeights, fused_experts
+from torch_moe_lora.parallel import ExpertSharding, fused_experts_expert_parallel
 
-from torch_moe_lora import LoRAWeights, fused_experts  # noqa: E402
-from torch_moe_lora.configs import device_file_name  # noqa: E402
-from torch_moe_lora.parallel import ExpertSharding, fused_experts_expert_parallel  # noqa: E402
+from common import (
+    NUM_SLOTS, SHAPES, random_experts, random_lora, random_tokens, results_dir, time_graph, token_mapping,
+)  # fmt: skip
 
-HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
+SHAPE = SHAPES["qwen3_30b_a3b"]
+HIDDEN, INTER, EXPERTS, TOP_K = SHAPE
 TOKENS = (1, 64, 4096)
-RANK, NUM_SLOTS = 16, 16
+RANK = 16
 INPUT_SETS = 4
 WORLD = 2
 REPLAYS = 30
@@ -75,19 +76,17 @@ def run(rank: int, init_file: str, out_file: str, tokens: list[int]) -> None:
     group = dist.group.WORLD
     torch.manual_seed(0)  # the same weights, inputs and routing on both ranks
     dtype = torch.bfloat16
-    w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, dtype=dtype, device="cuda") * HIDDEN**-0.5
-    w2 = torch.randn(EXPERTS, HIDDEN, INTER, dtype=dtype, device="cuda") * INTER**-0.5
+    w13, w2 = random_experts(SHAPE, dtype)
     lora = random_lora(NUM_SLOTS, EXPERTS, HIDDEN, INTER, RANK, dtype)
     tp = tensor_shard(w13, w2, lora, rank)
     ep = expert_shard(w13, w2, lora, rank)
     sharding = ExpertSharding("expert", group, rank, WORLD)
     rows = []
     for num_tokens in tokens:
-        inputs = []
-        for _ in range(INPUT_SETS):
-            x = torch.randn(num_tokens, HIDDEN, dtype=dtype, device="cuda")
-            topk_ids, topk_weights = random_routing(num_tokens, EXPERTS, TOP_K)
-            inputs.append((x, topk_ids, topk_weights, token_mapping(num_tokens, f"uniform{NUM_SLOTS}", NUM_SLOTS)))
+        inputs = [
+            (*random_tokens(SHAPE, num_tokens, dtype), token_mapping(num_tokens, f"uniform{NUM_SLOTS}", NUM_SLOTS))
+            for _ in range(INPUT_SETS)
+        ]
 
         def whole(x, ids, weights, slots):
             return fused_experts(x, ids, weights, w13, w2, token_lora=slots, lora=lora)
@@ -160,8 +159,7 @@ def main():
     if torch.cuda.device_count() < WORLD:
         raise SystemExit(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
     device = torch.cuda.get_device_name()
-    out_dir = args.out / device_file_name(device).removesuffix(".json")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, device)
     init_file, json_file = out_dir / "parallel_init", out_dir / "parallel.json"
     if init_file.exists():
         os.remove(init_file)

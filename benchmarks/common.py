@@ -1,16 +1,55 @@
-"""Timing, device ceilings and problem builders shared by the benchmarks (GPU only)."""
+"""What the benchmark scripts share: model shapes, random problems, the CUDA-graph timer, device
+ceilings, the results folder, launch-config changes (``with_changes``) and the fused experts runner
+(``ExpertsRunner``). The timers, the ceilings and the runner need a GPU.
+
+Only public names of ``torch_moe_lora`` are imported at the top; ``results_dir`` and
+``ExpertsRunner`` import the internals they use where they use them, because ``compare_builds.py``
+imports this module while running other builds of the library, which may lack them.
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from torch_moe_lora import LoRAWeights
+
+if TYPE_CHECKING:
+    from torch_moe_lora.configs import LaunchConfig
+
+
+class MoEShape(NamedTuple):
+    """The experts of one MoE layer."""
+
+    hidden: int
+    """H: the model width."""
+    inter: int
+    """I: one expert's intermediate width."""
+    num_experts: int
+    """E: experts in the layer."""
+    top_k: int
+    """K: experts per token."""
+
+
+SHAPES = {
+    "qwen3_30b_a3b": MoEShape(hidden=2048, inter=768, num_experts=128, top_k=8),
+    "deepseek_v2_lite": MoEShape(hidden=2048, inter=1408, num_experts=64, top_k=6),
+    "mixtral_8x7b": MoEShape(hidden=4096, inter=14336, num_experts=8, top_k=2),
+    "fine_grained": MoEShape(hidden=2048, inter=512, num_experts=512, top_k=10),
+}
+"""The MoE shapes the fused experts scripts run, by name (``fine_grained``: many small experts)."""
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+"""Token counts of the benchmark tables, and the buckets ``tune.py`` tunes."""
+NUM_SLOTS = 16
+"""Adapter slots of every LoRA table the scripts make."""
 
 READ_CHUNK = 65536  # elements one program of the read-bandwidth kernel sums
 
@@ -186,3 +225,79 @@ def token_mapping(num_tokens, scenario: str, num_slots: int, device="cuda") -> t
         slots = torch.randint(0, num_slots, (num_tokens,), dtype=torch.int32, device=device)
         return torch.where(torch.rand(num_tokens, device=device) < 0.5, -1, slots).int()
     raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def random_experts(shape: MoEShape, dtype=torch.bfloat16, device="cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random expert weights ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``, scaled by their fan-in."""
+    hidden, inter, num_experts, _ = shape
+    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=device) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device=device) * inter**-0.5
+    return w13, w2
+
+
+def random_tokens(shape: MoEShape, num_tokens: int, dtype=torch.bfloat16, device="cuda"):
+    """``(x [T, H], topk_ids [T, K] int32, topk_weights [T, K] float32)``: random tokens, uniform routing."""
+    x = torch.randn(num_tokens, shape.hidden, dtype=dtype, device=device)
+    return (x, *random_routing(num_tokens, shape.num_experts, shape.top_k, device))
+
+
+def results_dir(out: Path, device_name: str) -> Path:
+    """``out/<gpu>``, the folder of one GPU's results (named as its launch-config file), created."""
+    from torch_moe_lora.configs import device_file_name
+
+    path = out / Path(device_file_name(device_name)).stem
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def with_changes(config: LaunchConfig, changes: list[str]) -> LaunchConfig:
+    """``config`` with each ``name=JSON`` of ``changes`` set (``part.name`` inside a kernel's tiles),
+    checked as a config file's entry is."""
+    data = config.to_dict()
+    for change in changes:
+        name, _, value = change.partition("=")
+        *path, key = name.split(".")
+        target = data
+        for part in path:
+            target = target.setdefault(part, {})
+        target[key] = json.loads(value)
+    return type(config).from_dict(data, f"--set {' '.join(changes)}")
+
+
+class ExpertsRunner:
+    """The fused experts kernels with a given ``LaunchConfig``, on random problems of one shape and
+    token count.
+
+    Holds random expert weights, a table of ``NUM_SLOTS`` LoRA slots of rank ``rank`` (none where
+    ``rank`` is 0), and ``rotations`` input sets, each with its own tokens, routing and token mapping
+    (``token_mapping(scenario)``). ``time`` runs one call per input set inside one CUDA graph, so
+    that replays do not find one set's weights in L2.
+    """
+
+    def __init__(
+        self, shape: MoEShape, num_tokens: int, *, rank: int = 16, scenario: str = "uniform4", rotations: int = 3,
+        dtype=torch.bfloat16,
+    ):  # fmt: skip
+        self.w13, self.w2 = random_experts(shape, dtype)
+        self.lora = random_lora(NUM_SLOTS, shape.num_experts, shape.hidden, shape.inter, rank, dtype) if rank else None
+        self.inputs = [
+            (*random_tokens(shape, num_tokens, dtype), token_mapping(num_tokens, scenario, NUM_SLOTS) if rank else None)
+            for _ in range(rotations)
+        ]
+
+    def call(self, config: LaunchConfig, index: int = 0, *, with_lora: bool = True) -> torch.Tensor:
+        """One call on input set ``index``; ``with_lora=False`` passes no LoRA table at all."""
+        from torch_moe_lora.ops.fused_experts import ExpertOptions
+        from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
+
+        x, topk_ids, topk_weights, token_lora = self.inputs[index]
+        return fused_experts_triton(
+            x, topk_ids, topk_weights, self.w13, self.w2,
+            token_lora=token_lora if with_lora else None, lora=self.lora if with_lora else None,
+            options=ExpertOptions(), config=config,
+        )  # fmt: skip
+
+    def time(self, config: LaunchConfig, *, replays: int = 8, budget_ms: float = 150.0) -> float:
+        """Median milliseconds per call, every input set in turn inside one CUDA graph (``time_graph``)."""
+        calls = [lambda i=i: self.call(config, i) for i in range(len(self.inputs))]
+        return time_graph(calls, replays=replays, budget_ms=budget_ms)

@@ -12,42 +12,38 @@ prints, per problem, whether they are equal element for element.
 
 ``time`` prints the CUDA-graph time of the op on the Qwen3-30B-A3B shape, decode to prefill, with
 16 adapters of rank 16 and without LoRA: run it for each build alternately in one lease and compare.
-Only the op's public signature is used, so any two versions of the library can be compared.
+Only the op's public signature is used (and ``common``, which imports only public names at its
+top), so any two versions of the library can be compared.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-SHAPES = {  # name: (E, H, I, K)
-    "qwen3_30b_a3b": (128, 2048, 768, 8),
-    "deepseek_v2_lite": (64, 2048, 1408, 6),
-    "mixtral_8x7b": (8, 4096, 14336, 2),
-    "fine_grained": (256, 1024, 256, 8),
-}
-TOKENS = (1, 4, 64, 1024, 4096)
-SLOTS, RANK = 16, 16
+from common import NUM_SLOTS, SHAPES, time_graph
+
+PROBLEM_TOKENS = (1, 4, 64, 1024, 4096)
+RANK = 16
 
 
 def problems():
     """(name, x, topk_ids, topk_weights, w13, w2, token_lora, lora tensors) from fixed seeds."""
-    for shape, (E, H, I, K) in SHAPES.items():
+    for shape, (H, I, E, K) in SHAPES.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         randn = lambda *s, std: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16) * std  # noqa: E731
         w13, w2 = randn(E, 2 * I, H, std=H**-0.5), randn(E, H, I, std=I**-0.5)
         lora = (
-            randn(SLOTS, E, RANK, H, std=H**-0.5), randn(SLOTS, E, 2 * I, RANK, std=RANK**-0.5),
-            randn(SLOTS, E, RANK, I, std=I**-0.5), randn(SLOTS, E, H, RANK, std=RANK**-0.5),
-            torch.full((SLOTS,), 0.5, device="cuda"), torch.full((SLOTS,), 0.25, device="cuda"),
+            randn(NUM_SLOTS, E, RANK, H, std=H**-0.5), randn(NUM_SLOTS, E, 2 * I, RANK, std=RANK**-0.5),
+            randn(NUM_SLOTS, E, RANK, I, std=I**-0.5), randn(NUM_SLOTS, E, H, RANK, std=RANK**-0.5),
+            torch.full((NUM_SLOTS,), 0.5, device="cuda"), torch.full((NUM_SLOTS,), 0.25, device="cuda"),
         )  # fmt: skip
-        for T in TOKENS:
+        for T in PROBLEM_TOKENS:
             x = randn(T, H, std=1.0)
             scores = torch.rand(T, E, generator=g, device="cuda")
             weights, ids = scores.topk(K, dim=1)
-            token_lora = torch.randint(-1, SLOTS, (T,), generator=g, device="cuda")
+            token_lora = torch.randint(-1, NUM_SLOTS, (T,), generator=g, device="cuda")
             yield f"{shape} T={T}", x, ids, weights / weights.sum(1, keepdim=True), w13, w2, token_lora, lora
 
 
@@ -63,9 +59,6 @@ def dump(path: str) -> None:
 
 
 def time_builds() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from common import time_graph
-
     from torch_moe_lora import LoRAWeights, fused_experts
 
     for name, x, ids, weights, w13, w2, token_lora, lora in problems():

@@ -1,7 +1,8 @@
 """Per-kernel GPU time of one fused experts call, from torch.profiler (GPU).
 
-Calls run eagerly with the tuned launch config, changed by ``--set`` as in ``compare_configs.py``
-(``--set pdl=false`` keeps a kernel's wait for the previous one out of its time).
+Calls run eagerly (``common.ExpertsRunner``, one input set) with the tuned launch config, changed by
+``--set`` as in ``compare_configs.py`` (``--set pdl=false`` keeps a kernel's wait for the previous
+one out of its time).
 
     python benchmarks/profile_fused_experts.py --shape qwen3_30b_a3b --tokens 1 1024 --ranks 64 --scenario uniform16
 """
@@ -9,21 +10,14 @@ Calls run eagerly with the tuned launch config, changed by ``--set`` as in ``com
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_fused_experts import SHAPES  # noqa: E402
-from common import random_lora, random_routing, token_mapping  # noqa: E402
-from compare_configs import with_changes  # noqa: E402
+from torch_moe_lora.configs import get_config
 
-from torch_moe_lora.configs import get_config  # noqa: E402
-from torch_moe_lora.ops.fused_experts import ExpertOptions  # noqa: E402
-from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
+from common import SHAPES, ExpertsRunner, with_changes
 
 
 def kernel_times(fn, repeats: int = 10) -> dict[str, float]:
@@ -50,26 +44,16 @@ def main():
     parser.add_argument("--scenario", default="uniform16")
     parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="NAME=JSON")
     args = parser.parse_args()
-    hidden, inter, num_experts, top_k = SHAPES[args.shape]
-    dtype = torch.bfloat16
-    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda") * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device="cuda") * inter**-0.5
+    shape = SHAPES[args.shape]
+    hidden, inter, num_experts, top_k = shape
     for rank in args.ranks:
-        lora = random_lora(16, num_experts, hidden, inter, rank, dtype)
         for num_tokens in args.tokens:
-            x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
-            ids, weights = random_routing(num_tokens, num_experts, top_k)
-            mapping = token_mapping(num_tokens, args.scenario, 16)
+            runner = ExpertsRunner(shape, num_tokens, rank=rank, scenario=args.scenario, rotations=1)
             config = with_changes(
                 get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens), args.changes
             )
-            for label, token_lora, table in (("LoRA", mapping, lora), ("no LoRA", None, None)):
-                times = kernel_times(
-                    lambda: fused_experts_triton(
-                        x, ids, weights, w13, w2, token_lora=token_lora, lora=table, options=ExpertOptions(),
-                        config=config,
-                    )  # fmt: skip
-                )
+            for label, with_lora in (("LoRA", True), ("no LoRA", False)):
+                times = kernel_times(lambda: runner.call(config, with_lora=with_lora))
                 total = sum(times.values())
                 print(f"{args.shape} T={num_tokens} rank={rank} {args.scenario} {label}: {total:.1f} us of kernels")
                 for name, us in times.items():

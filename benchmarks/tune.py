@@ -21,20 +21,15 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_fused_experts import SHAPES, TOKENS  # noqa: E402
-from common import random_lora, random_routing, time_graph, token_mapping  # noqa: E402
+from torch_moe_lora.configs import LaunchConfig, device_file_name, get_config, shape_key
 
-from torch_moe_lora.configs import LaunchConfig, device_file_name, get_config, shape_key  # noqa: E402
-from torch_moe_lora.ops.fused_experts import ExpertOptions  # noqa: E402
-from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
+from common import SHAPES, TOKENS, ExpertsRunner, results_dir
 
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
@@ -54,26 +49,10 @@ def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> tuple[int,
     return (64, 128)
 
 
-def make_runner(shape, num_tokens, rank=16, adapters=4, dtype=torch.bfloat16, rotations=3):
-    hidden, inter, num_experts, top_k = shape
-    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device="cuda") * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device="cuda") * inter**-0.5
-    lora = random_lora(16, num_experts, hidden, inter, rank, dtype)
-    inputs = []
-    for _ in range(rotations):
-        x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
-        inputs.append((x, *random_routing(num_tokens, num_experts, top_k), token_mapping(num_tokens, f"uniform{adapters}", 16)))
-
-    def run(config: LaunchConfig) -> float:
-        calls = [
-            lambda i=i: fused_experts_triton(
-                i[0], i[1], i[2], w13, w2, token_lora=i[3], lora=lora, options=ExpertOptions(), config=config
-            )
-            for i in inputs
-        ]
-        return time_graph(calls, replays=8, budget_ms=150)
-
-    return run
+def make_timer(shape, num_tokens, rank=16, adapters=4):
+    """A function from a ``LaunchConfig`` to its milliseconds per call (``ExpertsRunner.time``) with LoRA
+    of rank ``rank``, tokens spread over ``adapters`` adapters."""
+    return ExpertsRunner(shape, num_tokens, rank=rank, scenario=f"uniform{adapters}").time
 
 
 def best_of(run, base: LaunchConfig, part, candidates, log):
@@ -113,7 +92,7 @@ def on_off_timings(shape, num_tokens, config, key, log, ranks):
     """For each of ``ranks`` in turn (a generator: callers may stop early), the times of ``config``
     with ``key`` off and on, run alternately, logged."""
     for rank in ranks:
-        run = make_runner(shape, num_tokens, rank=rank)
+        run = make_timer(shape, num_tokens, rank=rank)
         off, on = (dataclasses.replace(config, **{key: value}) for value in (False, True))
         off_ms, on_ms = alternate(run, off, on)
         del run
@@ -149,8 +128,8 @@ def shrink_layout(shape, num_tokens, config: LaunchConfig, log) -> LaunchConfig:
     for sub_m in (32, 64):
         if base.block_m % sub_m == 0 and not base.pair_blocks:
             layouts += [dict(sub_m=sub_m), dict(sub_m=sub_m, slot_programs=1)]
-    many = make_runner(shape, num_tokens, rank=64, adapters=16)
-    few = make_runner(shape, num_tokens, rank=16, adapters=4)
+    many = make_timer(shape, num_tokens, rank=64, adapters=16)
+    few = make_timer(shape, num_tokens, rank=16, adapters=4)
     best, best_ms = base, None
     for layout in layouts:
         changed = dataclasses.replace(
@@ -205,7 +184,7 @@ def tune_shape(shape, tokens, log, decisions_only=False, which=("shrink_layout",
             log(f"  T={num_tokens}:")
             buckets[str(num_tokens)] = decide(shape, num_tokens, config, log, which)
             continue
-        run = make_runner(shape, num_tokens)
+        run = make_timer(shape, num_tokens)
         config = get_config(None, num_experts, hidden, inter, top_k, num_tokens)
         log(f"  T={num_tokens}: default {run(config):.4f} ms")
         config, _ = best_of(
@@ -240,7 +219,7 @@ def main():
     device = torch.cuda.get_device_name()
     path = args.out / device_file_name(device)
     tuned = json.loads(path.read_text()) if path.exists() else {}
-    timings_path = args.results / Path(device_file_name(device)).stem / TIMINGS_FILE
+    timings_path = results_dir(args.results, device) / TIMINGS_FILE
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     timings.update(
         device=device,
@@ -250,13 +229,14 @@ def main():
     )
     for name in args.shapes:
         shape = SHAPES[name]
-        print(f"{name} {shape}", flush=True)
-        key = shape_key(shape[2], shape[0], shape[1], shape[3])
+        print(f"{name} {tuple(shape)}", flush=True)
+        hidden, inter, num_experts, top_k = shape
+        key = shape_key(num_experts, hidden, inter, top_k)
         if args.decisions_only and key not in tuned:
             # A shape without tuned tiles takes default.json's, which are chosen by rows per
             # expert: seed every token bucket with them, so that token counts between the buckets
             # taken here keep the default's choice.
-            tuned[key] = {str(t): get_config(None, shape[2], shape[0], shape[1], shape[3], t).to_dict() for t in TOKENS}
+            tuned[key] = {str(t): get_config(None, num_experts, hidden, inter, top_k, t).to_dict() for t in TOKENS}
         configs, ms = tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only, args.decide)
         buckets = tuned.setdefault(key, {})
         buckets.update({bucket: config.to_dict() for bucket, config in configs.items()})
@@ -267,7 +247,6 @@ def main():
             shape_ms = timings.setdefault("ms", {}).setdefault(key, {})
             shape_ms.update(ms)
             timings["ms"][key] = dict(sorted(shape_ms.items(), key=lambda b: int(b[0])))
-            timings_path.parent.mkdir(parents=True, exist_ok=True)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -1,4 +1,4 @@
-"""The benchmark's target check (``benchmarks/targets.py``) on hand-made rows."""
+"""The fused experts benchmark's target check (``benchmarks/performance_targets.py``) on hand-made rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from targets import misses, percent_target, summarize  # noqa: E402
+from performance_targets import misses, percent_target, summarize  # noqa: E402
 
 
 def row(T, pct, overhead=0.01, byte_share=0.02, flop_share=0.02, speedup=3.0, **extra):
