@@ -1,11 +1,12 @@
 """Reading PEFT adapters: 4.x per-expert adapters, and the clear refusal of what is not supported.
 
-Per-expert adapters (``experts.<e>.w1``/``gate_proj``, ...) are built by hand. For Mixtral and
-Qwen3-MoE (which PEFT converts, Qwen3-MoE standing for the Qwen2-MoE group) the patched model must
-match PEFT's own conversion of the same files; for Qwen2-MoE (which PEFT 0.21 leaves unconverted:
-its ``gate_proj``/``up_proj`` names land on the shared expert) and Phi-MoE (never converted) it must
-match a model whose weights have the LoRA deltas merged in, here with per-expert ranks and a
-different alpha for up than for gate. Refused adapters must leave the loaded ones working.
+Per-expert adapters (``experts.<e>.w1``/``gate_proj``, ...) are built by hand
+(``utils.legacy_adapter``). For Mixtral and Qwen3-MoE (which PEFT converts, Qwen3-MoE standing for
+the Qwen2-MoE group) the patched model must match PEFT's own conversion of the same files; for
+Qwen2-MoE (which PEFT 0.21 leaves unconverted: its ``gate_proj``/``up_proj`` names land on the
+shared expert) and Phi-MoE (never converted) it must match a model whose weights have the LoRA
+deltas merged in, here with per-expert ranks and a different alpha for up than for gate. Refused
+adapters must leave the loaded ones working.
 
 Errors at the public API: a corrupt adapter among several (truncated safetensors, bad JSON, a string
 ``lora_alpha``, ...) is named with its path; config fields of the wrong type or value are named with
@@ -21,68 +22,31 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from test_models import tiny_model
 from torch import nn
-from test_patch import ADAPTERS, assert_rows_match, batch_ids, make_peft_adapters, peft_adapters  # noqa: F401
+from utils import (
+    ADAPTERS,
+    LEGACY_ALPHA,
+    LEGACY_RANK,
+    assert_rows_match,
+    batch_ids,
+    legacy_adapter,
+    make_peft_adapters,
+    projection_names,
+    save_adapter,
+    tiny_model,
+)
 
 from torch_moe_lora import patch_model
 from torch_moe_lora.adapters import load_adapter_files, read_adapter
 from torch_moe_lora.models import FAMILIES, find_moe_blocks
 from torch_moe_lora.reference import gate_rows_ref
 
+# Whether PEFT converts a family's 4.x per-expert adapters itself (the reference is then PEFT's
+# conversion; else the merged model, and the adapter carries ``utils.LEGACY_PATTERNS``).
 PEFT_CONVERTS = {"mixtral": True, "qwen3_moe": True, "qwen2_moe": False, "phimoe": False}
-RANK, ALPHA = 3, 4
-# Only where PEFT does not convert: its conversion ignores per-module patterns, and with use_rslora
-# it scales the joined gate_up by 2 alpha / sqrt(2 r) instead of alpha / sqrt(r).
-PATTERNS = {"rank_pattern": {"experts.1.{gate}": 4}, "alpha_pattern": {"{up}": 3, "{down}": 6}}
-RSLORA = {"qwen2_moe"}
-
-
-def projection_names(family: str) -> dict[str, str]:
-    """role -> the 4.x per-expert module name (``w1``, ``gate_proj``, ...)."""
-    return {role: name for name, role in FAMILIES[family].legacy.roles.items()}
-
-
-def legacy_adapter(family: str, patterns: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """A 4.x-style adapter: per-expert gate/up/down LoRAs on every MoE block, plus q_proj; with
-    ``patterns``, per-expert ranks, per-projection alphas (and rsLoRA for ``RSLORA`` families)."""
-    names = projection_names(family)
-    config = dict(peft_type="LORA", r=RANK, lora_alpha=ALPHA, target_modules=[*names.values(), "q_proj"])
-    if patterns:
-        config.update({kind: {p.format(**names): v for p, v in pattern.items()} for kind, pattern in PATTERNS.items()})
-        config["use_rslora"] = family in RSLORA
-    rank_pattern = config.get("rank_pattern", {})
-    generator = torch.Generator().manual_seed(7)
-    state_dict = {}
-    model = tiny_model(family)
-    for block in find_moe_blocks(model):
-        num_experts, hidden, inter = block.spec.w2(block.experts).shape
-        layer = block.name.rsplit(".", 1)[0]
-        for expert in range(num_experts):
-            for role, name in names.items():
-                rank = rank_pattern.get(f"experts.{expert}.{name}", RANK)
-                fan_in, fan_out = (inter, hidden) if role == "down" else (hidden, inter)
-                key = f"base_model.model.{layer}.{FAMILIES[family].legacy.block_attr}.experts.{expert}.{name}"
-                state_dict[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.5
-                state_dict[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.5
-        q_proj = model.get_submodule(f"{layer}.self_attn.q_proj")
-        state_dict[f"base_model.model.{layer}.self_attn.q_proj.lora_A.weight"] = torch.randn(RANK, q_proj.in_features)
-        state_dict[f"base_model.model.{layer}.self_attn.q_proj.lora_B.weight"] = torch.randn(q_proj.out_features, RANK)
-    return state_dict, config
-
-
-def save_adapter(path, state_dict: dict, config: dict) -> str:
-    path.mkdir()
-    save_file(state_dict, str(path / "adapter_model.safetensors"))
-    full = LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}).to_dict()
-    full["peft_type"] = "LORA"
-    (path / "adapter_config.json").write_text(
-        json.dumps({k: v for k, v in full.items() if k != "runtime_config"}, default=list)
-    )
-    return str(path)
 
 
 def merged_model(family: str, state_dict: dict, config: dict):
@@ -91,8 +55,8 @@ def merged_model(family: str, state_dict: dict, config: dict):
     rank_pattern, alpha_pattern = config.get("rank_pattern", {}), config.get("alpha_pattern", {})
 
     def delta(key: str) -> torch.Tensor:
-        rank = next((v for p, v in rank_pattern.items() if key.endswith(p)), RANK)
-        alpha = next((v for p, v in alpha_pattern.items() if key.endswith(p)), ALPHA)
+        rank = next((v for p, v in rank_pattern.items() if key.endswith(p)), LEGACY_RANK)
+        alpha = next((v for p, v in alpha_pattern.items() if key.endswith(p)), LEGACY_ALPHA)
         base = f"base_model.model.{key}"
         scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
         return scale * state_dict[f"{base}.lora_B.weight"] @ state_dict[f"{base}.lora_A.weight"]
@@ -217,7 +181,7 @@ def _refusals(sd: dict, cfg: dict, hidden: int, vocab: int, max_rank: int):
     }  # fmt: skip
 
 
-def test_refusals_leave_loaded_adapters_working(peft_adapters):  # noqa: F811
+def test_refusals_leave_loaded_adapters_working(peft_adapters):
     family = "qwen3_moe"
     made = peft_adapters(family)
     state_dict, config = load_adapter_files(made["a"][0])
@@ -307,7 +271,7 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_corrupt_adapter_among_several_is_named(corruption, peft_adapters, tmp_path):  # noqa: F811
+def test_corrupt_adapter_among_several_is_named(corruption, peft_adapters, tmp_path):
     """A broken adapter among good ones: the error names it, its directory (or the file in it) and
     what is wrong, and chains the exception of the library that found it."""
     made = peft_adapters("qwen3_moe")
@@ -362,7 +326,7 @@ CONFIG_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(CONFIG_ERRORS))
-def test_config_field_errors_name_the_field(case, peft_adapters):  # noqa: F811
+def test_config_field_errors_name_the_field(case, peft_adapters):
     state_dict, config = load_adapter_files(peft_adapters("qwen3_moe")["a"][0])
     changes, error, message = CONFIG_ERRORS[case]
     config = {k: v for k, v in {**config, **changes}.items() if v is not None}
@@ -371,7 +335,7 @@ def test_config_field_errors_name_the_field(case, peft_adapters):  # noqa: F811
         read_adapter("bad", (state_dict, config), model, find_moe_blocks(model))
 
 
-def test_argument_errors_name_the_argument(peft_adapters):  # noqa: F811
+def test_argument_errors_name_the_argument(peft_adapters):
     path = peft_adapters("qwen3_moe")["a"][0]
     state_dict, config = load_adapter_files(path)
     q_a = next(k for k in state_dict if k.endswith("q_proj.lora_A.weight"))

@@ -17,9 +17,9 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from utils import requires_cuda
+from utils import assert_aligned, requires_cuda, valid_prefix
 
-from torch_moe_lora.ops.align import align_block_size, max_num_blocks
+from torch_moe_lora.ops.align import align_block_size
 from torch_moe_lora.reference import align_block_size_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
@@ -77,43 +77,6 @@ def align_problems(draw) -> AlignProblem:
         lora_dtype=draw(st.sampled_from([torch.int32, torch.int64, None])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
-
-
-def valid_prefix(outputs, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The used prefix of the op's outputs, int64 on CPU, laid out as ``align_block_size_ref`` returns it."""
-    sorted_pair_ids, expert_of_block, num_blocks = (t.cpu().long() for t in outputs)
-    count = int(num_blocks[0])
-    return sorted_pair_ids[: count * block_size], expert_of_block[:count]
-
-
-def assert_aligned(outputs, expected, *, num_pairs: int, num_experts: int, block_size: int, exact: bool) -> None:
-    """Checks the op's outputs against an expected used prefix (the reference's, or another device's).
-
-    Sizes, dtypes, num_blocks, block metadata, padding positions and the tail are compared exactly.
-    Pair ids are compared exactly when ``exact``, else as one set per run of blocks of one expert.
-    """
-    sorted_pair_ids, expert_of_block, num_blocks = outputs
-    bound = max_num_blocks(num_pairs, num_experts, block_size)
-    shapes = [tuple(t.shape) for t in outputs]
-    assert shapes == [(bound * block_size,), (bound,), (1,)], f"shapes {shapes}, bound {bound}"
-    assert all(t.dtype == torch.int32 for t in outputs), [t.dtype for t in outputs]
-    expected_ids, expected_experts = (t.long() for t in expected)
-    count = expected_experts.numel()
-    assert int(num_blocks[0]) == count
-    got_ids, got_experts = valid_prefix(outputs, block_size)
-    assert torch.equal(got_experts, expected_experts), f"expert_of_block {got_experts} != {expected_experts}"
-    assert (expert_of_block[count:] == -1).all(), "tail metadata != -1"
-    assert (sorted_pair_ids[count * block_size :] == num_pairs).all(), "tail of sorted_pair_ids != N"
-    if exact:
-        assert torch.equal(got_ids, expected_ids), f"sorted_pair_ids {got_ids} != {expected_ids}"
-        return
-    assert torch.equal(got_ids == num_pairs, expected_ids == num_pairs), "padding positions differ"
-    start = 0
-    for blocks in torch.unique_consecutive(expected_experts, return_counts=True)[1].tolist():
-        span = slice(start * block_size, (start + blocks) * block_size)
-        got_set, expected_set = got_ids[span].sort().values, expected_ids[span].sort().values
-        assert torch.equal(got_set, expected_set), f"blocks {start}..{start + blocks}: {got_set} != {expected_set}"
-        start += blocks
 
 
 def check_problem(problem: AlignProblem, device: str) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+import torch_moe_lora.ops.fused_experts as fused_experts_module
 from torch_moe_lora.configs import CONFIG_DIR, LaunchConfig, LinearLoRAConfig, get_config, get_linear_lora_config, parse_buckets
+from torch_moe_lora.ops.fused_experts import launch_config
 
 FUSED_EXPERTS_FILES = ["default.json", "NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"]
 TILES = dict(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=3)
@@ -60,6 +63,59 @@ def test_get_config_picks_the_bucket():
     assert get_config("NVIDIA H200", 128, 2048, 768, 8, 100000).block_m == 128, "past the last bucket: the largest"
     assert get_config("a device without a file", 8, 64, 32, 2, 1) == get_config(None, 8, 64, 32, 2, 1)
     assert isinstance(get_config(None, 8, 64, 32, 2, 1), LaunchConfig)
+
+
+def bucket_edges(buckets: dict) -> list[tuple[int, int]]:
+    """(size, the bucket it falls in): each bucket's largest size and the size one above it (the next
+    bucket's smallest; past the last bucket, the last bucket)."""
+    edges = []
+    for bucket, following in zip(buckets, [*list(buckets)[1:], max(buckets)]):
+        edges += [(bucket, bucket), (bucket + 1, following)]
+    return edges
+
+
+def differing_neighbours(buckets: dict) -> int:
+    """How many neighbouring buckets hold different configs."""
+    configs = list(buckets.values())
+    return sum(a != b for a, b in zip(configs, configs[1:]))
+
+
+def call_shapes(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int):
+    """``x``, ``topk_ids`` and ``w2`` of a call, as meta tensors (``launch_config`` reads their shapes)."""
+    meta = dict(device="meta")
+    return (
+        torch.empty(num_tokens, hidden, **meta),
+        torch.empty(num_tokens, top_k, dtype=torch.int64, **meta),
+        torch.empty(num_experts, hidden, inter, **meta),
+    )
+
+
+@pytest.mark.parametrize("name", [n for n in FUSED_EXPERTS_FILES if n != "default.json"])
+def test_launch_config_takes_the_tuned_bucket_of_the_token_count(name, monkeypatch):
+    """On each tuned device and shape, a call gets the file's config for the bucket of its token
+    count, at both sides of every bucket edge; somewhere the two sides differ, so a pick that ignores
+    the token count (or reads another size as it) fails."""
+    device_name = name.removesuffix(".json").replace("_", " ")
+    monkeypatch.setattr(fused_experts_module, "_device_name", lambda device: device_name)
+    differing_edges = 0
+    for shape, entries in json.loads((CONFIG_DIR / name).read_text()).items():
+        sizes = dict(item.split("=") for item in shape.split(","))
+        E, H, I, K = (int(sizes[key]) for key in "EHIK")
+        buckets = parse_buckets(entries, f"{name}, {shape}")
+        for tokens, bucket in bucket_edges(buckets):
+            assert launch_config(*call_shapes(tokens, E, H, I, K)) == buckets[bucket], (shape, tokens, bucket)
+        differing_edges += differing_neighbours(buckets)
+    assert differing_edges, f"{name}: every bucket of every shape holds the same config"
+
+
+def test_launch_config_takes_the_default_bucket_of_the_rows_per_expert():
+    """A device or shape without a tuned entry (here the CPU): the default bucket of the rows each
+    expert gets, T * K / E rounded up (E=8, K=2: T / 4), at both sides of every bucket edge."""
+    buckets = parse_buckets(json.loads((CONFIG_DIR / "default.json").read_text()), "default.json")
+    assert differing_neighbours(buckets), "default.json holds one config in every bucket"
+    for rows, bucket in bucket_edges(buckets):
+        for tokens in (4 * rows - 3, 4 * rows):
+            assert launch_config(*call_shapes(tokens, 8, 64, 32, 2)) == buckets[bucket], (rows, tokens, bucket)
 
 
 def test_linear_lora_configs_parse_and_pick_by_token_count():

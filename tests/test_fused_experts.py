@@ -8,10 +8,17 @@ import torch._dynamo.testing
 from expecttest import TestCase
 from hypothesis import given
 from hypothesis import strategies as st
-from moe_problems import NONFINITE_B, POISONS, assert_poison_stays_in_its_rows, make_problem, problems
-from utils import HAS_CUDA, assert_close_verbose
+from torch.utils._python_dispatch import TorchDispatchMode
+from utils import (
+    HAS_CUDA,
+    NONFINITE_B,
+    POISONS,
+    assert_close_verbose,
+    assert_poison_stays_in_its_rows,
+    make_problem,
+    problems,
+)
 
-import torch_moe_lora
 from torch_moe_lora import ExpertLoRASlots, LoRAWeights, fused_experts
 from torch_moe_lora.ops.fused_experts import ExpertOptions
 from torch_moe_lora.reference import fused_experts_ref
@@ -143,6 +150,36 @@ def test_opcheck(device, case):
     torch.library.opcheck(torch.ops.moe_lora.fused_experts.default, op_args(problem))
 
 
+class RecordedOps(TorchDispatchMode):
+    """Records the ops that reach the dispatcher's Python key (a custom op as one call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_function_is_one_call_of_the_registered_op(device):
+    """``fused_experts`` is one call of ``torch.ops.moe_lora.fused_experts`` (what torch.compile,
+    opcheck and the CUDA kernel registration see), its arguments in the schema's places: the op
+    called with ``op_args`` gives the same bits. Every option is off its default and the two LoRA
+    scales differ, so an argument dropped or put in another's place changes the output."""
+    problem = make_problem(T=9, H=16, I=8, E=4, K=2, L=3, R=4, bias=True, split_gate_up=True, interleaved=True)
+    problem.options.update(activation="swigluoai", swiglu_alpha=1.3, swiglu_limit=1.5, weight_on_input=True)
+    problem = problem.to(device)
+    args = (problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2)
+    with RecordedOps() as recorded:
+        out = fused_experts(*args, **problem.kwargs())
+    assert recorded.ops == [torch.ops.moe_lora.fused_experts.default], recorded.ops
+    assert torch.equal(out, torch.ops.moe_lora.fused_experts.default(*op_args(problem)))
+    ref = fused_experts_ref(*args, **problem.kwargs())
+    assert_close_verbose(out, ref, problem.x.dtype, "every option off its default")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_no_recompile_on_mapping_change(device):
     torch._dynamo.reset()
@@ -173,11 +210,6 @@ def test_compile_inductor_dynamic_tokens(device):
         args = (big.x[:T], big.topk_ids[:T], big.topk_weights[:T], big.token_lora[:T])
         ref = fused_experts(*args[:3], big.w13, big.w2, token_lora=args[3], lora=big.lora)
         torch.testing.assert_close(compiled(*args), ref)
-
-
-def test_ops_are_registered():
-    assert hasattr(torch.ops.moe_lora, "fused_experts")
-    assert torch_moe_lora.fused_experts is fused_experts
 
 
 BAD_INPUTS = [

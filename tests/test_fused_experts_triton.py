@@ -8,17 +8,27 @@ interpreter computes ``tl.dot`` on bfloat16 operands wrongly.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from moe_problems import POISONS, assert_poison_stays_in_its_rows, make_problem, problems
-from utils import HAS_CUDA, assert_close_verbose, requires_cuda
+from utils import (
+    HAS_CUDA,
+    POISONS,
+    assert_close_verbose,
+    assert_poison_stays_in_its_rows,
+    interpreted_examples,
+    make_problem,
+    problems,
+    requires_cuda,
+)
 
+import torch_moe_lora.ops.fused_experts as fused_experts_module
 from torch_moe_lora import fused_experts
-from torch_moe_lora.configs import GemmTiles, LaunchConfig, ShrinkTiles, SumTiles
-from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config
+from torch_moe_lora.configs import CONFIG_DIR, GemmTiles, LaunchConfig, ShrinkTiles, SumTiles, parse_buckets
+from torch_moe_lora.ops.fused_experts import ExpertOptions
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
 from torch_moe_lora.reference import fused_experts_ref
 
@@ -71,6 +81,7 @@ def reference(problem):
     )
 
 
+@interpreted_examples(60)  # interpreted: 0.1-0.5 s an example: 8-17 s on 2 CPU cores
 @given(problem=problems(dtypes=DTYPES, max_tokens=40 if HAS_CUDA else 12), config=st.sampled_from(sorted(CONFIGS)))
 def test_kernels_match_reference(problem, config):
     problem = problem.to(DEVICE)
@@ -147,11 +158,12 @@ def poisoned_problems():
     return problems(dtypes=DTYPES, max_tokens=40 if HAS_CUDA else 8).filter(lambda p: p.lora is not None)
 
 
+@interpreted_examples(30)  # interpreted: two runs of up to 1 s an example: 10-20 s on 2 CPU cores
 @given(problem=poisoned_problems(), config=st.sampled_from(sorted(CONFIGS)), poison=st.sampled_from(sorted(POISONS)), data=st.data())
 def test_a_poisoned_slot_changes_no_other_token(problem, config, poison, data):
     """NaN or Inf in one slot's A, or values that overflow: every token of another slot, and every
     token without an adapter, is bit-identical to the run without it (blocks mix slots). Non-finite
-    B values are refused by the slot tables (``moe_problems.NONFINITE_B``)."""
+    B values are refused by the slot tables (``utils.NONFINITE_B``)."""
     problem = problem.to(DEVICE)
     victim = data.draw(st.integers(0, problem.lora.num_slots - 1))
     assert_poison_stays_in_its_rows(lambda p: run_triton(p, CONFIGS[config]), problem, victim, poison)
@@ -237,12 +249,24 @@ def test_torch_compile_on_gpu(mode):
 
 
 @requires_cuda
-def test_launch_config_is_used_per_bucket():
-    small = make_problem(T=2, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
-    large = make_problem(T=5000, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
-    assert launch_config(small.x, small.topk_ids, small.w2).block_m <= launch_config(
-        large.x, large.topk_ids, large.w2
-    ).block_m
+def test_op_launches_with_the_config_of_its_bucket(monkeypatch):
+    """The registered op on the GPU hands the kernels the config of its call's bucket: two token
+    counts on either side of the first edge between default buckets that differ (a shape no device
+    file tunes: rows per expert T * K / E = T / 2) launch with those two buckets' configs."""
+    buckets = parse_buckets(json.loads((CONFIG_DIR / "default.json").read_text()), "default.json")
+    edge, after = next((b, c) for b, c in zip(buckets, list(buckets)[1:]) if buckets[b] != buckets[c])
+    launched = []
+
+    def recording_launcher(*args, config, **kwargs):
+        launched.append(config)
+        return fused_experts_triton(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(fused_experts_module, "fused_experts_triton", recording_launcher)
+    for T in (2 * edge, 2 * edge + 1):
+        problem = make_problem(T=T, H=64, I=32, E=4, K=2, L=1, R=4).to("cuda")
+        args = (problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2)
+        assert_close_verbose(fused_experts(*args, **problem.kwargs()), reference(problem), problem.x.dtype, f"T={T}")
+    assert launched == [buckets[edge], buckets[after]], launched
 
 
 def test_weight_descriptor_only_where_the_copy_engine_can_read():

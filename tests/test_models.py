@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from utils import assert_close_verbose, seed_all
+from utils import COMMON, TINY, assert_close_verbose, tiny_model
 
 from torch_moe_lora.models import (
     FAMILIES,
@@ -32,85 +32,8 @@ from torch_moe_lora.models import (
 )
 from torch_moe_lora.reference import fused_experts_ref
 
-COMMON = dict(
-    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-    max_position_embeddings=64,
-)  # fmt: skip
-MLA = dict(num_key_value_heads=2, head_dim=8, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
-# family -> (config class, config overrides, number of MoE blocks the model has)
-TINY = {
-    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2), 2),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
-             num_experts_per_tok=2, norm_topk_prob=False),
-        2,
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
-        2,
-    ),
-    "qwen3_next": (
-        "Qwen3NextConfig",
-        dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
-             num_experts_per_tok=2, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
-             linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]),
-        2,
-    ),
-    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, eos_token_id=1), 2),
-    "deepseek_v2": (
-        "DeepseekV2Config",
-        dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-             num_experts_per_tok=2, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2,
-             topk_group=1, q_lora_rank=None, routed_scaling_factor=1.5, **MLA),
-        1,
-    ),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-             num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=24,
-             routed_scaling_factor=2.5, norm_topk_prob=True, **MLA),
-        1,
-    ),
-    "phimoe": ("PhimoeConfig", dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2), 2),
-    "gpt_oss": (
-        "GptOssConfig",
-        dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-             layer_types=["sliding_attention", "full_attention"]),
-        2,
-    ),
-    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2), 2),
-    "llama4": (
-        "Llama4TextConfig",
-        dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=2,
-             interleave_moe_layer_step=2, attention_chunk_size=16),
-        1,
-    ),
-}  # fmt: skip
 INTERFACE = [name for name in TINY if FAMILIES[name].whole_block is None]
 WHOLE = [name for name in TINY if FAMILIES[name].whole_block is not None]
-
-
-def tiny_model(family: str, experts_implementation: str | None = None) -> nn.Module:
-    """A float32 tiny random model of ``family``, with experts and routers re-drawn at a scale where
-    routing is spread out, activations leave their linear range and GPT-OSS's clamps bite."""
-    seed_all(0)
-    config_class, overrides, _ = TINY[family]
-    config = getattr(transformers, config_class)(**{**COMMON, **overrides})
-    kwargs = {} if experts_implementation is None else dict(experts_implementation=experts_implementation)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32, **kwargs)
-    with torch.no_grad():
-        for block in find_moe_blocks(model):
-            for name, param in block.experts.named_parameters():
-                param.normal_(0.0, 0.5 if name.endswith("bias") else 0.3)
-            for param in getattr(block.block, FAMILIES[family].router_attr).parameters():
-                param.normal_(0.0, 0.5)
-            for buffer in getattr(block.block, FAMILIES[family].router_attr).buffers():
-                buffer.normal_(0.0, 0.5)
-            if family == "gpt_oss":  # module attributes both versions read (5.17 ignores the config's)
-                block.experts.alpha, block.experts.limit = 1.3, 1.5
-    return model.eval()
 
 
 def input_ids() -> torch.Tensor:

@@ -14,11 +14,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from moe_problems import make_problem
-from test_adapters import legacy_adapter, save_adapter
-from test_models import tiny_model
-from test_patch import ADAPTERS, GENERATE, ROWS, batch_ids, make_peft_adapters
-from utils import assert_close_verbose
+from utils import (
+    ADAPTERS,
+    GENERATE,
+    ROWS,
+    assert_close_verbose,
+    batch_ids,
+    legacy_adapter,
+    make_peft_adapters,
+    make_problem,
+    save_adapter,
+    tiny_model,
+)
 
 from torch_moe_lora import fused_experts, patch_model
 from torch_moe_lora.adapters import BlockLoRA, StoredTensor, load_adapter_files, read_adapter

@@ -1,133 +1,42 @@
 """``patch_model`` against PEFT itself, on tiny random models of every registered family.
 
-For each family three adapters are made with PEFT (experts through ``target_parameters``, attention,
-shared-expert and dense-MLP linears through ``target_modules``; random non-zero B; different ranks;
-one with ``rank_pattern``/``alpha_pattern``, one with ``use_rslora``) and saved. The patched model
-runs a mixed batch (rows on different adapters, one on none) and must give, row by row, the logits
-and greedy tokens of the PEFT model of that row's adapter run alone. Also: live load/unload,
-``torch.compile`` without graph breaks or recompiles, the batch checks, ``unpatch``, and
-``MultiLoRALinear`` against a per-token loop. Runs on transformers 5.17 and 5.24.
+For each family the three adapters of ``utils.ADAPTERS`` are made with PEFT (experts through
+``target_parameters``, attention, shared-expert and dense-MLP linears through ``target_modules``;
+random non-zero B; different ranks; one with ``rank_pattern``/``alpha_pattern``, one with
+``use_rslora``) and saved. The patched model runs a mixed batch (rows on different adapters, one on
+none) and must give, row by row, the logits and greedy tokens of the PEFT model of that row's
+adapter run alone. Also: live load/unload, ``torch.compile`` without graph breaks or recompiles, the
+batch checks, ``unpatch``, and ``MultiLoRALinear`` against a per-token loop. Runs on transformers
+5.17 and 5.24.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from unittest import mock
 
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
-from test_models import COMMON, TINY, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
-from utils import requires_cuda, seed_all
+from utils import (
+    ADAPTERS,
+    COMMON,
+    GENERATE,
+    ROWS,
+    TINY,
+    assert_error_is_pefts_own,
+    assert_rows_match,
+    batch_ids,
+    requires_cuda,
+    row_references,
+    seed_all,
+    tiny_model,
+)
 
 from torch_moe_lora import patch_model
 from torch_moe_lora.linear import MultiLoRALinear, RowSlots
 from torch_moe_lora.models import find_moe_blocks
-
-EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-LINEARS = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
-    "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate",
-]  # fmt: skip
-# LoraConfig arguments of the three adapters every family gets (names absent from a family are skipped).
-ADAPTERS = {
-    "a": dict(r=4, lora_alpha=8, target_modules=LINEARS, target_parameters=EXPERTS),
-    "b": dict(
-        r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "kv_b_proj", "out_proj", "down_proj"],
-        target_parameters=EXPERTS, rank_pattern={"experts.down_proj": 5, "o_proj": 3},
-        alpha_pattern={"experts.gate_up_proj": 7, "q_proj": 1},
-    ),
-    "c": dict(
-        r=3, lora_alpha=6, use_rslora=True, target_modules=["v_proj", "kv_a_proj_with_mqa", "in_proj_qkvz", "up_proj"],
-        target_parameters=["experts.down_proj"],
-    ),
-}  # fmt: skip
-ROWS = ["a", "b", None, "c"]
-GENERATE = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
-
-
-@contextlib.contextmanager
-def no_v4_renaming():
-    """PEFT's LoRA layers without its transformers-4-to-5 target renaming.
-
-    PEFT 0.21 reads ``gate_proj``/``up_proj``/``down_proj`` in ``target_modules`` as the per-expert
-    modules of 4.x checkpoints for the families it converts (Mixtral and the Qwen2-MoE group), even
-    when they name real ``nn.Linear`` shared experts or dense MLPs; it then targets the experts instead
-    (or refuses ``up_proj`` alone). With the renaming off PEFT targets exactly the named linears.
-    """
-    with mock.patch("peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers"):
-        yield
-
-
-def make_peft_adapters(family: str, root, configs: dict = ADAPTERS) -> dict[str, tuple[str, nn.Module]]:
-    """Adapters made and saved by PEFT: name -> (directory, the PEFT model that made it)."""
-    made = {}
-    for seed, (name, kwargs) in enumerate(configs.items(), start=100):
-        model = tiny_model(family)
-        torch.manual_seed(seed)
-        with no_v4_renaming():
-            peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **kwargs)).eval()
-        path = str(root / name)
-        peft_model.save_pretrained(path)
-        made[name] = (path, peft_model)
-    return made
-
-
-@pytest.fixture(scope="module")
-def peft_adapters(tmp_path_factory):
-    """``peft_adapters(family)``: that family's ``make_peft_adapters``, built once per module."""
-    cache = {}
-
-    def build(family: str):
-        if family not in cache:
-            cache[family] = make_peft_adapters(family, tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return build
-
-
-def batch_ids(rows: int = len(ROWS), length: int = 7) -> torch.Tensor:
-    return torch.randint(0, COMMON["vocab_size"], (rows, length), generator=torch.Generator().manual_seed(1))
-
-
-def row_references(rows, models: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, S, V]`` and greedy tokens ``[B, S + n]`` of each row run alone on its own model."""
-    logits, tokens = [], []
-    with torch.no_grad():
-        for row, name in enumerate(rows):
-            model = models[name]
-            logits.append(model(input_ids=ids[row : row + 1]).logits[0])
-            tokens.append(model.generate(input_ids=ids[row : row + 1], **GENERATE)[0])
-    return torch.stack(logits), torch.stack(tokens)
-
-
-def assert_rows_match(out: torch.Tensor, ref: torch.Tensor, rows, what: str, rel: float = 1e-4) -> None:
-    """Row-wise max |out - ref| <= rel * max |ref| (float32); prints every row's difference."""
-    scale = ref.abs().max().item()
-    diffs = (out.double() - ref.double()).abs().amax(dim=tuple(range(1, out.dim())))
-    print(
-        f"{what}: logit scale {scale:.3e}, max |diff| per row " + ", ".join(f"{r}={d:.2e}" for r, d in zip(rows, diffs))
-    )
-    assert diffs.max().item() <= rel * scale, what
-
-
-def assert_error_is_pefts_own(ours: torch.Tensor, peft: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """Low-precision logits against float32 PEFT: our mean |error| at most 2x PEFT's own in the same
-    dtype, and our max |error| at most 4x (+1e-3 of the logit scale). A few layers of a tiny random
-    model amplify rounding chaotically, so the largest single error of two computations rounded at
-    different points differs by up to ~3x from run to run; the mean is the stable statistic."""
-    ours_err, peft_err = (ours.double() - ref.double()).abs(), (peft.double() - ref.double()).abs()
-    scale = ref.abs().max().item()
-    print(
-        f"{what}: |error| vs float32 PEFT: ours mean {ours_err.mean():.3e} max {ours_err.max():.3e}, PEFT's own "
-        f"mean {peft_err.mean():.3e} max {peft_err.max():.3e}, logit scale {scale:.3e}"
-    )
-    assert ours_err.mean() <= 2 * peft_err.mean(), what
-    assert ours_err.max() <= 4 * peft_err.max() + 1e-3 * scale, what
 
 
 def linear_names(handle) -> set[str]:

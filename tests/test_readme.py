@@ -16,14 +16,12 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
+from utils import COMMON, TINY
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MODEL_ID = "Qwen/Qwen3-30B-A3B"
-TINY = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
-    max_position_embeddings=64, norm_topk_prob=True, pad_token_id=0, eos_token_id=1, bos_token_id=1,
-)  # fmt: skip
+# The tests' tiny Qwen3-MoE, with the special token ids its tokenizer has.
+CHECKPOINT_CONFIG = {**COMMON, **TINY["qwen3_moe"][1], "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
 # The adapters the README loads, with the ranks its text gives them.
 ADAPTER_RANKS = {"sql": 8, "chat": 4, "math": 16}
 
@@ -34,7 +32,7 @@ def snippets() -> list[str]:
 
 def save_tiny_checkpoint(path: Path) -> None:
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**TINY))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**CHECKPOINT_CONFIG))
     model.save_pretrained(path)
     words = ["[PAD]", "[EOS]", "[UNK]", "SELECT", "Hello", "Hi", "from", "the", "table"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

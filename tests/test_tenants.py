@@ -17,9 +17,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_models import tiny_model
-from test_patch import batch_ids, make_peft_adapters, peft_adapters  # noqa: F401
-from utils import requires_cuda
+from utils import batch_ids, make_peft_adapters, requires_cuda, tiny_model
 
 from torch_moe_lora import ExpertLoRASlots, fused_experts, patch_model
 from torch_moe_lora.linear import MultiLoRALinear, RowSlots
