@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from torch_moe_lora._extension import load_extension
+from .._extension import load_extension
+from .checks import INDEX_DTYPES
 
 load_extension()  # loading torch_moe_lora._C registers the ops
-
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def max_num_blocks(num_pairs, num_experts, block_size):
@@ -39,7 +38,7 @@ def _align_block_size_fake(topk_ids, token_lora, num_experts, max_loras, block_s
 def _check_index_tensor(name: str, value, dim: int, layout: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in _INDEX_DTYPES:
+    if value.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {value.dtype}")
     if value.dim() != dim:
         raise ValueError(f"{name} must be a {dim}-D tensor {layout}, got shape {tuple(value.shape)}")

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from ..configs import LaunchConfig, get_config
 from ..lora import LoRAWeights
 from ..reference import ACTIVATIONS, activation_ref
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, spelled_shape
 from .fused_experts_triton import fused_experts_triton
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
 _OP = "moe_lora::fused_experts"
 
 
@@ -41,13 +40,9 @@ def _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scal
     return None if all(t is None for t in tensors) else LoRAWeights(*tensors)
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
 def _expect_shape(name: str, t: torch.Tensor, expected: tuple, spelled: str) -> None:
     if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        raise ValueError(f"fused_experts: {name} must have shape {spelled}, got {_shape(t)}")
+        raise ValueError(f"fused_experts: {name} must have shape {spelled}, got {spelled_shape(t)}")
 
 
 def check_fused_experts_args(
@@ -64,12 +59,12 @@ def check_fused_experts_args(
     if activation == "swigluoai" and not gated:
         raise ValueError("fused_experts: activation 'swigluoai' needs gated=True")
     if x.dim() != 2:
-        raise ValueError(f"fused_experts: x must be [T, H], got {_shape(x)}")
+        raise ValueError(f"fused_experts: x must be [T, H], got {spelled_shape(x)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fused_experts: x must be float32, float16 or bfloat16, got {x.dtype}")
     T, H = x.shape
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(f"fused_experts: topk_ids must be [T, K] = [{T}, K], got {_shape(topk_ids)}")
+        raise ValueError(f"fused_experts: topk_ids must be [T, K] = [{T}, K], got {spelled_shape(topk_ids)}")
     if topk_ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"fused_experts: topk_ids must be int32 or int64, got {topk_ids.dtype}")
     K = topk_ids.shape[1]
@@ -77,10 +72,10 @@ def check_fused_experts_args(
     if not topk_weights.is_floating_point():
         raise TypeError(f"fused_experts: topk_weights must be floating point, got {topk_weights.dtype}")
     if w13.dim() != 3:
-        raise ValueError(f"fused_experts: w13 must be [E, 2I, H], got {_shape(w13)}")
+        raise ValueError(f"fused_experts: w13 must be [E, 2I, H], got {spelled_shape(w13)}")
     E, rows13 = w13.shape[0], w13.shape[1]
     if gated and rows13 % 2 != 0:
-        raise ValueError(f"fused_experts: gated w13 [E, 2I, H] needs an even row count, got {_shape(w13)}")
+        raise ValueError(f"fused_experts: gated w13 [E, 2I, H] needs an even row count, got {spelled_shape(w13)}")
     inter = rows13 // 2 if gated else rows13
     _expect_shape("w13", w13, (E, rows13, H), f"[E, {'2I' if gated else 'I'}, H] with H = {H}")
     _expect_shape("w2", w2, (E, H, inter), f"[E, H, I] = [{E}, {H}, {inter}]")
@@ -105,14 +100,14 @@ def check_fused_experts_args(
             raise TypeError(f"fused_experts: token_lora must be int32 or int64, got {token_lora.dtype}")
     if gate_up_a is not None:
         if gate_up_a.dim() != 4:
-            raise ValueError(f"fused_experts: gate_up_a must be [L, E, Ra, H], got {_shape(gate_up_a)}")
+            raise ValueError(f"fused_experts: gate_up_a must be [L, E, Ra, H], got {spelled_shape(gate_up_a)}")
         L, R = gate_up_a.shape[0], gate_up_b.shape[-1] if gate_up_b.dim() == 4 else -1
         _expect_shape("gate_up_b", gate_up_b, (L, E, rows13, None), f"[L, E, {'2I' if gated else 'I'}, R] = [{L}, {E}, {rows13}, R]")
         shrink = gate_up_a.shape[2]
         if shrink != R and not (gated and shrink == 2 * R):
             raise ValueError(
                 f"fused_experts: gate_up_a's rank dim must equal gate_up_b's R = {R}"
-                f"{' or 2R (separate gate and up LoRAs)' if gated else ''}, got gate_up_a {_shape(gate_up_a)}"
+                f"{' or 2R (separate gate and up LoRAs)' if gated else ''}, got gate_up_a {spelled_shape(gate_up_a)}"
             )
         _expect_shape("gate_up_a", gate_up_a, (L, E, shrink, H), f"[L, E, Ra, H] = [{L}, {E}, Ra, {H}]")
         Rd = down_a.shape[2] if down_a.dim() == 4 else -1

@@ -21,10 +21,9 @@ import triton
 import triton.language as tl
 
 from ..configs import get_linear_lora_config
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, spelled_shape
 from .launch import dot_precision, rank_block
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
 _OP = "moe_lora::add_lora_linear"
 
 
@@ -41,7 +40,9 @@ def slot_segments(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, to
         in row order within a slot) and ``slot_row_start [L + 1]`` int32.
     """
     if slots.dim() != 1 or slots.dtype not in INDEX_DTYPES:
-        raise ValueError(f"slot_segments: slots must be a 1-D int32/int64 tensor, got {slots.dtype} {list(slots.shape)}")
+        raise ValueError(
+            f"slot_segments: slots must be a 1-D int32/int64 tensor, got {slots.dtype} {spelled_shape(slots)}"
+        )
     in_range = ((slots >= -1) & (slots < num_slots)).all()
     if slots.device.type == "cpu":
         if not bool(in_range):
@@ -186,32 +187,35 @@ def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lo
     )  # fmt: skip
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
 def check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
     """Validates shapes, dtypes and devices (no data is read); raises ValueError/TypeError."""
     if x.dim() != 2:
-        raise ValueError(f"add_lora_linear: x must be [T, in], got {_shape(x)}")
+        raise ValueError(f"add_lora_linear: x must be [T, in], got {spelled_shape(x)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"add_lora_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
     T, in_features = x.shape
     if lora_a.dim() != 3 or lora_a.shape[2] != in_features:
-        raise ValueError(f"add_lora_linear: lora_a must be [L, R, in] with in = {in_features}, got {_shape(lora_a)}")
+        raise ValueError(
+            f"add_lora_linear: lora_a must be [L, R, in] with in = {in_features}, got {spelled_shape(lora_a)}"
+        )
     L, R = lora_a.shape[0], lora_a.shape[1]
     if lora_b.dim() != 3 or lora_b.shape[0] != L or lora_b.shape[2] != R:
-        raise ValueError(f"add_lora_linear: lora_b must be [L, out, R] = [{L}, out, {R}], got {_shape(lora_b)}")
+        raise ValueError(f"add_lora_linear: lora_b must be [L, out, R] = [{L}, out, {R}], got {spelled_shape(lora_b)}")
     out_features = lora_b.shape[1]
     if out.shape != (T, out_features):
-        raise ValueError(f"add_lora_linear: out must be [T, out] = [{T}, {out_features}], got {_shape(out)}")
+        raise ValueError(f"add_lora_linear: out must be [T, out] = [{T}, {out_features}], got {spelled_shape(out)}")
     if lora_scale.shape != (L,) or lora_scale.dtype != torch.float32:
-        raise ValueError(f"add_lora_linear: lora_scale must be float32 [L] = [{L}], got {lora_scale.dtype} {_shape(lora_scale)}")
+        raise ValueError(
+            f"add_lora_linear: lora_scale must be float32 [L] = [{L}], got {lora_scale.dtype} {spelled_shape(lora_scale)}"
+        )
     for name, t in (("out", out), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t.dtype != x.dtype:
             raise TypeError(f"add_lora_linear: {name} must have x's dtype {x.dtype}, got {t.dtype}")
     if row_order.dim() != 1 or row_order.dtype not in INDEX_DTYPES:
-        raise ValueError(f"add_lora_linear: row_order must be a 1-D int32/int64 tensor, got {row_order.dtype} {_shape(row_order)}")
+        raise ValueError(
+            f"add_lora_linear: row_order must be a 1-D int32/int64 tensor, got {row_order.dtype} "
+            f"{spelled_shape(row_order)}"
+        )
     rows = row_order.shape[0]
     if rows == 0 and T != 0 or rows != 0 and T % rows != 0:
         raise ValueError(
@@ -221,7 +225,7 @@ def check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b
     if slot_row_start.shape != (L + 1,) or slot_row_start.dtype not in INDEX_DTYPES:
         raise ValueError(
             f"add_lora_linear: slot_row_start must be int32/int64 [L + 1] = [{L + 1}], got "
-            f"{slot_row_start.dtype} {_shape(slot_row_start)}"
+            f"{slot_row_start.dtype} {spelled_shape(slot_row_start)}"
         )
     named = (("out", out), ("row_order", row_order), ("slot_row_start", slot_row_start), ("lora_a", lora_a),
              ("lora_b", lora_b), ("lora_scale", lora_scale))  # fmt: skip
