@@ -4,6 +4,8 @@ Profiles (``HYPOTHESIS_PROFILE=<name>``, ``ci`` when unset): every run draws fre
   ci        200 examples a property test; tests that run Triton's interpreter on the CPU ask for fewer
             (``utils.interpreted_examples``). A failure prints the blob that replays it.
   thorough  for a GPU machine, where the kernels are compiled: 1000 examples a property test.
+  quick     25 examples a property test, for a smoke run of every test file on a GPU machine (each
+            new shape compiles kernels, so 200 examples of every property test take tens of minutes).
 """
 
 import os
@@ -16,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True)
 settings.register_profile("ci", max_examples=200, **_COMMON)
 settings.register_profile("thorough", max_examples=1000, **_COMMON)
+settings.register_profile("quick", max_examples=25, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The switch is read when
