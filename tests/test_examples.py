@@ -45,3 +45,11 @@ def test_parallel_example_matches_one_process(parallelism):
     assert len(ranks) == 2 and all("the same greedy tokens" in line for line in ranks), out
     diffs = [float(line.split("= ")[1].split()[0]) for line in ranks]
     assert max(diffs) <= 1e-4, out
+
+
+def test_serve_example_gives_every_request_its_adapter():
+    """Continuous batching with more adapters than slots: every request agrees with PEFT alone, and the
+    request naming an unknown adapter is refused without stopping the others."""
+    done = run_example("serve.py")
+    assert "request 5 refused alone" in done.stdout
+    assert "15 of 15 checked requests agree with PEFT token for token" in done.stdout, done.stdout

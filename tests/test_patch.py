@@ -35,7 +35,7 @@ from utils import (
 )
 
 from torch_moe_lora import patch_model
-from torch_moe_lora.linear import MultiLoRALinear, RowSlots
+from torch_moe_lora.linear import MultiLoRALinear, SlotMapping
 from torch_moe_lora.models import find_moe_blocks
 
 
@@ -124,12 +124,21 @@ def test_load_and_unload_live(peft_adapters):
         with handle.adapters(["c", None, "a", "a"]), pytest.raises(ValueError, match="'c' is mapped"):
             handle.unload_adapter("c")
         assert handle.load_adapter("b2", made["b"][0]) == 1
-        with pytest.raises(ValueError, match="all 3 slots are used"):
-            handle.load_adapter("d", made["c"][0])
+        # Every slot taken: c, the least recently used adapter, gives up its slot and stays registered.
+        assert handle.load_adapter("d", made["c"][0]) == 2
+        assert handle.adapter_names == ["a", "b2", "d"] and handle.registered_adapters == ["a", "c", "b2", "d"]
+        with handle.adapters(["a", "b2", "d", None]), pytest.raises(ValueError, match="all 3 slots are used"):
+            handle.load_adapter("e", made["c"][0])
+        assert "e" not in handle.registered_adapters
         with pytest.raises(ValueError, match="'a' is already loaded"):
             handle.load_adapter("a", made["a"][0])
-        models["b2"] = models["b"]
-        run(["b2", "c", "a", None])
+        models["b2"], models["d"] = models["b"], models["c"]
+        run(["b2", "c", "a", None])  # c swaps back in, into the slot of d
+        assert handle.slot_of("c") == 2 and handle.slot_of("d") is None
+        run(["d", "c", "b2", None])  # d takes the slot of a, the one adapter this mapping does not name
+        assert handle.slot_of("d") == 0 and handle.slot_of("a") is None
+        with pytest.raises(ValueError, match=r"\['a'\] need 1 slot but only 0 of the 3 can be freed"):
+            handle.set_adapters(["a", "b2", "c", "d"])
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "deepseek_v3", "gpt_oss", "llama4"])
@@ -196,8 +205,8 @@ def test_batch_must_match_the_mapping(peft_adapters):
         with pytest.raises(KeyError, match="'zzz'"):
             handle.set_adapters(["zzz"] * 4)
     with pytest.raises(ValueError, match="not a multiple of the 3 batch rows"):
-        handle.row_slots.set([0, 0, -1], torch.device("cpu"))
-        handle.row_slots.token_slots(7, torch.device("cpu"))
+        handle.mapping.set([0, 0, -1], torch.device("cpu"))
+        handle.mapping.token_slots(7, torch.device("cpu"))
 
 
 def test_unpatch_restores_the_model(peft_adapters):
@@ -232,7 +241,7 @@ def test_patch_refusals():
 def test_multi_lora_linear_matches_a_token_loop():
     seed_all(0)
     linear = nn.Linear(12, 10)
-    row_slots = RowSlots(3)
+    row_slots = SlotMapping(3)
     wrapped = MultiLoRALinear(linear, num_slots=3, max_rank=4, row_slots=row_slots)
     loras = {slot: (torch.randn(rank, 12), torch.randn(10, rank), 0.5 * slot + 0.25) for slot, rank in ((0, 4), (2, 1))}
     for slot, (a, b, scale) in loras.items():

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from utils import batch_ids, make_peft_adapters, requires_cuda, tiny_model
 
 from torch_moe_lora import ExpertLoRASlots, fused_experts, patch_model
-from torch_moe_lora.linear import MultiLoRALinear, RowSlots
+from torch_moe_lora.linear import MultiLoRALinear, SlotMapping
 
 FAMILY = "qwen3_moe"
 ROWS = ["a", None, "broken", "b"]
@@ -151,7 +151,7 @@ def test_threads_each_get_their_own_mapping(peft_adapters):
     for t in threads:
         t.join()
     assert not wrong, f"{len(wrong)} of 30 outputs used another thread's adapter"
-    assert handle.row_slots.row_slot is None
+    assert handle.mapping.row_slot is None
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
 
@@ -195,12 +195,12 @@ def test_nested_blocks_and_unloads_restore_what_was_there(peft_adapters):
                 handle.unload_adapter("c")
             with pytest.raises(RuntimeError, match="inside an adapters"):
                 handle.unpatch()
-        assert handle.row_slots.slots == [0, -1, 0, 1]
+        assert handle.mapping.slots == [0, -1, 0, 1]
         with pytest.raises(ZeroDivisionError), handle.adapters(["b"] * 4):
             1 / 0
-        assert handle.row_slots.slots == [0, -1, 0, 1]
+        assert handle.mapping.slots == [0, -1, 0, 1]
         handle.unload_adapter("c")
-    assert handle.row_slots.row_slot is None and handle.adapter_names == ["a", "b"]
+    assert handle.mapping.row_slot is None and handle.adapter_names == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_bad_mappings_are_refused(names, error, message, peft_adapters):
     with pytest.raises(error, match=message):
         with handle.adapters(names):
             pass
-    assert handle.row_slots.row_slot is None
+    assert handle.mapping.row_slot is None
 
 
 @pytest.mark.parametrize("targets", ["linears_and_experts", "experts_only"])
@@ -256,7 +256,7 @@ def test_slot_writes_refuse_integer_and_complex_tensors():
             slots.set_slot(0, gate_up=(bad, torch.ones(E, 2 * I, 2)))
     with pytest.raises(TypeError, match="down_scale must be a real number"):
         slots.set_slot(0, down=(torch.ones(E, 2, I), torch.ones(E, H, 2)), down_scale="2")
-    linear = MultiLoRALinear(torch.nn.Linear(8, 4), 2, 2, RowSlots(2))
+    linear = MultiLoRALinear(torch.nn.Linear(8, 4), 2, 2, SlotMapping(2))
     with pytest.raises(TypeError, match="b must be a real floating-point tensor"):
         linear.set_slot(0, torch.ones(2, 8), torch.ones(4, 2, dtype=torch.int32), 1.0)
 

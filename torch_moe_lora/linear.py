@@ -2,7 +2,7 @@
 
 ``MultiLoRALinear`` keeps every resident adapter in one fixed slot table and adds, to each token,
 the LoRA of its slot through ``moe_lora::add_lora_linear``: tokens are grouped by slot once per
-mapping (``RowSlots``), and each token pays for, and reads, its own adapter only. An adapter whose
+mapping (``SlotMapping``), and each token pays for, and reads, its own adapter only. An adapter whose
 weights hold a NaN or an Inf, or whose delta overflows, changes its own rows and nothing else.
 Shapes are static and nothing reads device data on the host, so compiled code and CUDA graphs
 replay with new mappings.
@@ -20,15 +20,22 @@ from torch import nn
 from .ops.lora_linear import add_lora_linear, slot_segments
 
 
-class RowSlots:
-    """The adapter slot of each batch row, shared by every patched layer of one model.
+class SlotMapping:
+    """The adapter slot of each batch row, or of each token, shared by every patched layer of a model.
 
-    ``row_slot`` is ``[B]`` int64 (``-1``: no adapter) or None for no mapping (layers then skip
-    LoRA); ``row_order [B]`` and ``slot_row_start [L + 1]`` (int32) are its segment table
-    (``ops.lora_linear.slot_segments``). They are rewritten in place while ``B`` stays the same, so
-    compiled code and captured graphs that read them see new mappings without recompiling. Layers
-    see hidden states flattened row-major from ``[B, S, ...]`` to ``[B * S, ...]``, so token ``t``
-    belongs to row ``t // S``.
+    Layers see hidden states flattened row-major to ``[T, ...]``. A mapping has one of two forms:
+
+    * per batch row (``set``): ``B`` rows, each of ``T / B`` consecutive tokens, so one mapping serves
+      the prefill and every decode step of a batch. Its tensors are rewritten in place while ``B``
+      stays the same.
+    * per token (``set_tokens``): exactly the ``T`` tokens of a packed batch (``[1, T]`` inputs, several
+      sequences one after another, as transformers' continuous batching runs them). Its tensors are
+      views of a buffer kept for every power-of-two token count and written in place, so for a given
+      ``T`` they always lie at the same addresses: captured CUDA graphs replay with new mappings.
+
+    ``row_slot [N]`` (int64 for rows, int32 for tokens; ``-1``: no adapter) is None for no mapping
+    (layers then skip LoRA); ``row_order [N]`` and ``slot_row_start [L + 1]`` (int32) are its segment
+    table (``ops.lora_linear.slot_segments``). ``N`` is ``B`` or ``T``.
 
     Args:
         num_slots: ``L``, the slots of the tables the mapping indexes.
@@ -39,68 +46,119 @@ class RowSlots:
         self.row_slot: torch.Tensor | None = None
         self.row_order: torch.Tensor | None = None
         self.slot_row_start: torch.Tensor | None = None
+        self.per_token = False
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._token_buffers: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def set(self, slots: list[int], device: torch.device) -> None:
-        """Maps row ``i`` to ``slots[i]`` (``-1`` for none), in place when the row count is unchanged.
+        """Maps batch row ``i`` to ``slots[i]`` (``-1`` for none), in place when the row count is unchanged.
 
         Raises:
             ValueError: a slot outside ``[-1, L)``, or no rows.
         """
         if not slots:
-            raise ValueError("RowSlots.set: a mapping needs at least one row")
+            raise ValueError("SlotMapping.set: a mapping needs at least one row")
         new = torch.tensor(slots, dtype=torch.int64)
         row_order, slot_row_start = slot_segments(new, self.num_slots)
-        if self.row_slot is not None and self.row_slot.shape == new.shape and self.row_slot.device == device:
-            self.row_slot.copy_(new)
-            self.row_order.copy_(row_order)
-            self.slot_row_start.copy_(slot_row_start)
+        rows = self._rows
+        if rows is not None and rows[0].shape == new.shape and rows[0].device == device:
+            for t, value in zip(rows, (new, row_order, slot_row_start)):
+                t.copy_(value)
         else:
-            self.row_slot, self.row_order, self.slot_row_start = new.to(device), row_order.to(device), slot_row_start.to(device)
+            rows = self._rows = (new.to(device), row_order.to(device), slot_row_start.to(device))
+        self.row_slot, self.row_order, self.slot_row_start = rows
+        self.per_token = False
+
+    def set_tokens(self, slots: list[int], device: torch.device) -> None:
+        """Maps token ``t`` of a packed batch to ``slots[t]`` (``-1`` for none), in place.
+
+        The segment table is computed on the host and reaches the device in one copy, issued on the
+        current stream (non-blocking from pinned memory on CUDA).
+
+        Raises:
+            ValueError: a slot outside ``[-1, L)``, or no tokens.
+        """
+        if not slots:
+            raise ValueError("SlotMapping.set_tokens: a mapping needs at least one token")
+        count, width = len(slots), self.num_slots + 1
+        host = torch.empty(width + 2 * count, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+        host[width : width + count] = torch.tensor(slots, dtype=torch.int32)
+        row_order, slot_row_start = slot_segments(host[width : width + count], self.num_slots)
+        host[:width] = slot_row_start
+        host[width + count :] = row_order
+        capacity = max(64, 1 << (count - 1).bit_length())
+        key = (capacity, torch.device(device))
+        if key not in self._token_buffers:
+            self._token_buffers[key] = torch.empty(width + 2 * capacity, dtype=torch.int32, device=device)
+        buffer = self._token_buffers[key]
+        buffer[: host.shape[0]].copy_(host, non_blocking=True)
+        self.slot_row_start = buffer[:width]
+        self.row_slot = buffer[width : width + count]
+        self.row_order = buffer[width + count : width + 2 * count]
+        self.per_token = True
 
     def clear(self) -> None:
         """Removes the mapping: every layer computes the base model."""
         self.row_slot = self.row_order = self.slot_row_start = None
+        self.per_token = False
+
+    def state(self) -> tuple:
+        """The current mapping, for ``restore`` (references, no copy)."""
+        return self.row_slot, self.row_order, self.slot_row_start, self.per_token
+
+    def restore(self, state: tuple) -> None:
+        """Makes a mapping returned by ``state`` current again (the tensors it names, as they are now)."""
+        self.row_slot, self.row_order, self.slot_row_start, self.per_token = state
 
     @property
     def slots(self) -> list[int] | None:
-        """The mapped slot of each row (reads the device), or None."""
+        """The mapped slot of each row or token (reads the device), or None."""
         return None if self.row_slot is None else self.row_slot.tolist()
 
     def check_rows(self, x: torch.Tensor, where: str) -> None:
         """Raises when ``x [B', S, ...]`` (3-D or more) does not have the mapped row count ``B``.
 
-        Flattened ``[T, ...]`` inputs are checked by ``token_slots``/``segments`` (``T % B``)."""
-        if self.row_slot is not None and x.dim() >= 3 and x.shape[0] != self.row_slot.shape[0]:
+        Flattened ``[T, ...]`` inputs, and per-token mappings, are checked by ``token_slots`` and
+        ``segments``."""
+        if self.row_slot is not None and not self.per_token and x.dim() >= 3 and x.shape[0] != self.row_slot.shape[0]:
             raise ValueError(
                 f"{where} got a batch of {x.shape[0]} rows but set_adapters was given {self.row_slot.shape[0]} "
                 "names; give one adapter name (or None) per batch row"
             )
 
     def _check_tokens(self, num_tokens: int) -> int:
-        rows = self.row_slot.shape[0]
-        if num_tokens % rows != 0:
+        mapped = self.row_slot.shape[0]
+        if self.per_token and num_tokens != mapped:
             raise ValueError(
-                f"a patched layer got {num_tokens} tokens, not a multiple of the {rows} batch rows given to "
+                f"a patched layer got {num_tokens} tokens but the packed mapping has {mapped}; map every token of the "
+                "packed batch (the lengths given to set_adapters add up to its token count)"
+            )
+        if num_tokens % mapped != 0:
+            raise ValueError(
+                f"a patched layer got {num_tokens} tokens, not a multiple of the {mapped} batch rows given to "
                 "set_adapters; set one adapter name (or None) per batch row"
             )
-        return rows
+        return mapped
 
     def token_slots(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """The slot of each of ``num_tokens`` row-major tokens, ``[num_tokens]`` int64, or None.
+        """The slot of each of ``num_tokens`` row-major tokens, ``[num_tokens]`` int64 (int32 for a
+        per-token mapping), or None.
 
         Raises:
-            ValueError: ``num_tokens`` is not a multiple of the mapped row count.
+            ValueError: ``num_tokens`` does not fit the mapping.
         """
         if self.row_slot is None:
             return None
         rows = self._check_tokens(num_tokens)
+        if self.per_token:
+            return self.row_slot.to(device)
         return self.row_slot.to(device)[:, None].expand(rows, num_tokens // rows).reshape(num_tokens)
 
     def segments(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(row_order, slot_row_start)`` on ``device`` for ``num_tokens`` row-major tokens, or None.
 
         Raises:
-            ValueError: ``num_tokens`` is not a multiple of the mapped row count.
+            ValueError: ``num_tokens`` does not fit the mapping.
         """
         if self.row_slot is None:
             return None
@@ -126,10 +184,10 @@ class MultiLoRALinear(nn.Linear):
         linear: the ``nn.Linear`` to wrap (a plain one: subclasses that override ``forward`` are not).
         num_slots: ``L``, adapters resident at once.
         max_rank: ``R``.
-        row_slots: the model's shared ``RowSlots``.
+        row_slots: the model's shared ``SlotMapping``.
     """
 
-    def __init__(self, linear: nn.Linear, num_slots: int, max_rank: int, row_slots: RowSlots):
+    def __init__(self, linear: nn.Linear, num_slots: int, max_rank: int, row_slots: SlotMapping):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
@@ -141,6 +199,12 @@ class MultiLoRALinear(nn.Linear):
         self.register_buffer(
             "lora_scale", torch.zeros(num_slots, dtype=torch.float32, device=kw["device"]), persistent=False
         )
+
+    @staticmethod
+    def table_bytes(linear: nn.Linear, num_slots: int, max_rank: int) -> int:
+        """Bytes of the slot table ``MultiLoRALinear(linear, num_slots, max_rank, ...)`` allocates."""
+        elements = num_slots * max_rank * (linear.in_features + linear.out_features)
+        return elements * linear.weight.dtype.itemsize + num_slots * 4
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Writes one adapter into ``slot`` in place.

@@ -113,6 +113,17 @@ class ExpertLoRASlots:
     def num_slots(self) -> int:
         return self.weights.num_slots
 
+    @staticmethod
+    def table_bytes(
+        num_slots: int, num_experts: int, hidden_size: int, intermediate_size: int, max_rank: int, *,
+        gated: bool = True, split_gate_up: bool = False, dtype: torch.dtype = torch.float32,
+    ) -> int:  # fmt: skip
+        """Bytes of the table ``ExpertLoRASlots(...)`` with these arguments allocates."""
+        rows = (2 if gated else 1) * intermediate_size
+        shrink = (2 if split_gate_up else 1) * max_rank
+        per_expert = shrink * hidden_size + rows * max_rank + max_rank * intermediate_size + hidden_size * max_rank
+        return num_slots * num_experts * per_expert * dtype.itemsize + 2 * num_slots * 4
+
     def _gate_rows(self) -> torch.Tensor:
         rows = torch.arange(self.weights.gate_up_b.shape[2], device=self.weights.gate_up_b.device)
         return rows % 2 == 0 if self.interleaved else rows < self.intermediate_size
@@ -212,3 +223,24 @@ class ExpertLoRASlots:
             raise IndexError(f"ExpertLoRASlots.clear_slot: slot {slot} outside [0, {self.num_slots})")
         for t in self.weights:
             t[slot].zero_()
+
+
+def check_device_memory(needed: int, device: torch.device, what: str, num_slots: int, max_rank: int) -> None:
+    """Raises before an allocation of ``needed`` bytes on a CUDA ``device`` that its free memory
+    cannot hold (other devices are not checked).
+
+    Raises:
+        ValueError: naming ``what``, the sizes, and the ``max_loras``/``max_rank`` that set them.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if needed > free:
+        gib = 2**30
+        raise ValueError(
+            f"{what} need {needed / gib:.2f} GiB on {device} ({needed / num_slots / gib:.3f} GiB a slot at rank "
+            f"{max_rank}), but only {free / gib:.2f} of its {total / gib:.2f} GiB are free; lower max_loras (now "
+            f"{num_slots}) or max_rank (now {max_rank}): register more adapters than slots instead, they wait in host "
+            "memory"
+        )

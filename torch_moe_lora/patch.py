@@ -16,18 +16,21 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .adapters import AdapterLoRA, check_adapter_name, read_adapter
-from .linear import MultiLoRALinear, RowSlots
-from .lora import ExpertLoRASlots
+from .linear import MultiLoRALinear, SlotMapping
+from .lora import ExpertLoRASlots, check_device_memory
 from .models import ExpertsSpec, MoEBlock, find_moe_blocks, whole_block_forward
 from .ops.fused_experts import fused_experts
 from .parallel import ExpertSharding
 from .reference import gate_rows_ref
+from . import serving
+from .residency import AdapterStore, host_copy
 
 EXPERTS_IMPLEMENTATION = "moe_lora"
 """The name of our experts implementation in ``ALL_EXPERTS_FUNCTIONS``."""
@@ -40,12 +43,12 @@ class _PatchedExperts:
     under parallelism, this rank's sharding (local expert ids, then one all-reduce of the output)."""
 
     def __init__(
-        self, spec: ExpertsSpec, table: ExpertLoRASlots, row_slots: RowSlots, sharding: ExpertSharding | None
+        self, spec: ExpertsSpec, table: ExpertLoRASlots, mapping: SlotMapping, sharding: ExpertSharding | None
     ):
-        self.spec, self.table, self.row_slots, self.sharding = spec, table, row_slots, sharding
+        self.spec, self.table, self.mapping, self.sharding = spec, table, mapping, sharding
 
     def __call__(self, experts: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        token_lora = self.row_slots.token_slots(x.shape[0], x.device)
+        token_lora = self.mapping.token_slots(x.shape[0], x.device)
         lora = None if token_lora is None else self.table.weights
         if self.sharding is not None:
             topk_ids = self.sharding.local_ids(topk_ids, self.table.num_experts)
@@ -124,8 +127,29 @@ def _check_finite(adapter: AdapterLoRA, source, model: nn.Module, blocks: list[M
             )
 
 
+class _Names(NamedTuple):
+    """A mapping as given: an adapter name (or None) per batch row, or per sequence of a packed batch
+    with the sequences' token counts (``lengths``; None for batch rows)."""
+
+    names: list[str | None]
+    lengths: list[int] | None
+
+    def token_slots(self, slot_of: Mapping[str, int]) -> list[int]:
+        slots = [-1 if n is None else slot_of[n] for n in self.names]
+        if self.lengths is None:
+            return slots
+        return [slot for slot, length in zip(slots, self.lengths) for _ in range(length)]
+
+
 class MoELoRAModel:
-    """Handle of a patched model: loads, unloads and maps adapters while the model runs.
+    """Handle of a patched model: registers, maps and unloads adapters while the model runs.
+
+    Slots: the tables hold ``max_loras`` adapters at a time, but any number can be registered. Every
+    registered adapter is kept in host memory (pinned where CUDA is available); mapping one that has
+    no slot (``set_adapters``, ``adapters``, a continuous-batching request) writes it into a free
+    slot, or into the slot of the least recently used adapter that no mapping, enclosing
+    ``adapters()`` block or running request uses (that one stays registered). Tables are written in
+    place, so compiled code and captured CUDA graphs keep running without recompiling.
 
     Threads: the mapping is the model's, one at a time. An ``adapters()`` block holds the handle's
     lock from entry to exit, so blocks of different threads take turns (a thread entering one
@@ -138,6 +162,7 @@ class MoELoRAModel:
         model: the patched model (call it, or its ``generate``, as usual).
         max_loras: ``L``, adapter slots per layer.
         max_rank: ``R``, the largest adapter rank the tables hold.
+        mapping: the ``linear.SlotMapping`` every patched layer reads.
     """
 
     def __init__(
@@ -152,12 +177,14 @@ class MoELoRAModel:
         self.model, self.blocks, self.max_loras, self.max_rank = model, blocks, max_loras, max_rank
         self.sharding = sharding
         self.device = blocks[0].spec.w13(blocks[0].experts).device
-        self.row_slots = RowSlots(max_loras)
-        self._slot_of: dict[str, int] = {}
-        self._row_names: list[str | None] | None = None
+        self.mapping = SlotMapping(max_loras)
+        self._store = AdapterStore(max_loras)
+        self._mapped: _Names | None = None
         self._lock = threading.RLock()
         # The mappings that enclosing adapters() blocks restore on exit (innermost last).
-        self._saved_mappings: list[list[str | None] | None] = []
+        self._saved_mappings: list[_Names | None] = []
+        # Continuous batching (serving.RequestAdapters), once a request was added through the handle.
+        self.serving = None
         self._linears: dict[str, tuple[nn.Linear, MultiLoRALinear]] = {}
         self._tables: dict[str, ExpertLoRASlots] = {}
         self._previous_implementation: dict[int, tuple[object, str | None]] = {}
@@ -180,7 +207,7 @@ class MoELoRAModel:
     def _patch_blocks(self) -> None:
         ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
         for block in self.blocks:
-            state = _PatchedExperts(block.spec, self._tables[block.name], self.row_slots, self.sharding)
+            state = _PatchedExperts(block.spec, self._tables[block.name], self.mapping, self.sharding)
             setattr(block.experts, _STATE_ATTR, state)
             if _is_interface_block(block):
                 config = block.experts.config
@@ -196,7 +223,17 @@ class MoELoRAModel:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
         original = getattr(parent, child)
-        wrapped = MultiLoRALinear(original, self.max_loras, self.max_rank, self.row_slots)
+        if self.serving is not None and self.serving.running():
+            raise RuntimeError(
+                f"{name} is targeted by no adapter registered before continuous batching started, and its layer "
+                "cannot be swapped for a LoRA one under a running manager (its CUDA graphs would not see it); "
+                "register every adapter (add_adapter) before starting the manager, or stop it first"
+            )
+        check_device_memory(
+            MultiLoRALinear.table_bytes(original, self.max_loras, self.max_rank), original.weight.device,
+            f"the LoRA table of {name}", self.max_loras, self.max_rank,
+        )  # fmt: skip
+        wrapped = MultiLoRALinear(original, self.max_loras, self.max_rank, self.mapping)
         setattr(parent, child, wrapped)
         self._linears[name] = (original, wrapped)
 
@@ -225,8 +262,9 @@ class MoELoRAModel:
             setattr(self.model.get_submodule(parent_name), child, original)
         for hook in self._hooks:
             hook.remove()
-        self._linears, self._tables, self._slot_of, self.blocks = {}, {}, {}, []
-        self.row_slots.clear()
+        self._linears, self._tables, self.blocks = {}, {}, []
+        self._store = AdapterStore(self.max_loras)
+        self.mapping.clear()
         return self.model
 
     # --- adapters -------------------------------------------------------------------------------
@@ -237,8 +275,17 @@ class MoELoRAModel:
 
     @property
     def adapter_names(self) -> list[str]:
-        """Names of the resident adapters, in slot order."""
-        return sorted(self._slot_of, key=self._slot_of.get)
+        """Names of the adapters that occupy a slot, in slot order."""
+        return self._store.resident
+
+    @property
+    def registered_adapters(self) -> list[str]:
+        """Names of every registered adapter, in a slot or in host memory only, in registration order."""
+        return self._store.names
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot ``name`` occupies, or None (registered, in host memory only)."""
+        return self._store.slot_of.get(name)
 
     def _read(self, name: str, source) -> AdapterLoRA:
         """Reads and checks an adapter against the tables; raises before anything changes."""
@@ -260,9 +307,16 @@ class MoELoRAModel:
         rows = block.spec.w13(block.experts).shape[1]
         return gate_rows_ref(rows, gated=True, interleaved=block.spec.interleaved)
 
+    def _register(self, name: str, adapter: AdapterLoRA) -> None:
+        """Wraps the linears it targets (now, so that swapping it in later changes no module) and keeps
+        a host copy in the tables' dtypes."""
+        for linear in adapter.linears:
+            self._wrap_linear(linear)
+        linear_dtype = {n: self.model.get_submodule(n).weight.dtype for n in adapter.linears}
+        block_dtype = {n: t.weights.gate_up_a.dtype for n, t in self._tables.items()}
+        self._store.add(name, host_copy(adapter, linear_dtype, block_dtype))
+
     def _write(self, slot: int, adapter: AdapterLoRA) -> None:
-        for name in adapter.linears:
-            self._wrap_linear(name)
         for name, (_, linear) in self._linears.items():
             lora = adapter.linears.get(name)
             if lora is None:
@@ -274,19 +328,64 @@ class MoELoRAModel:
             if lora is None:
                 table.clear_slot(slot)
                 continue
-            as_table = dict(dtype=table.weights.gate_up_a.dtype, device=table.weights.gate_up_a.device)
+            device = table.weights.gate_up_a.device
             pairs = {
-                role: tuple(t.to(**as_table) for t in pair)
+                role: tuple(t.to(device, non_blocking=True) for t in pair)
                 for role, pair in (("gate_up", lora.gate_up), ("gate", lora.gate), ("up", lora.up), ("down", lora.down))
                 if pair is not None
             }
             table.set_slot(slot, **pairs, gate_up_scale=lora.gate_up_scale, down_scale=lora.down_scale)
 
-    def load_adapter(self, name: str, source) -> int:
-        """Loads an adapter into a free slot of every table, in place (a compiled model keeps its graphs).
+    def _in_use(self, current: bool = True) -> dict[str, str]:
+        """Adapter name -> what uses it: the mapping (unless ``current`` is False), an enclosing
+        ``adapters()`` block, or running continuous-batching requests."""
+        users = {}
+        if self.serving is not None:
+            users.update(dict.fromkeys(self.serving.in_use(), "running requests"))
+        for saved in self._saved_mappings:
+            if saved is not None:
+                users.update(dict.fromkeys((n for n in saved.names if n is not None), "an enclosing adapters() block"))
+        if current and self._mapped is not None:
+            users.update(dict.fromkeys((n for n in self._mapped.names if n is not None), "the mapping"))
+        return users
 
-        Linears that no resident adapter targeted yet are wrapped on the way (a compiled model then
-        recompiles once). Nothing changes when the adapter is refused.
+    def _make_resident(self, names, current: bool = True) -> None:
+        """Gives every adapter of ``names`` (registered) a slot, swapping in those without one.
+
+        The writes are complete on return (the device is synchronized after a swap-in), so a request
+        another stream runs next sees them. Held under the lock.
+
+        Raises:
+            ValueError: not enough slots can be freed.
+        """
+        names = [n for n in names if n is not None]
+        placed = self._store.place(names, set(self._in_use(current)))
+        for name, slot in placed:
+            self._write(slot, self._store.host[name])
+        if placed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._store.touch(names)
+
+    def add_adapter(self, name: str, source) -> None:
+        """Registers an adapter in host memory without giving it a slot; it takes one (see the class
+        docstring) when a mapping or a request names it. Linears that no registered adapter
+        targeted yet are wrapped now (a compiled model then recompiles once).
+
+        Args, Raises: as ``load_adapter``, less the slot errors.
+        """
+        check_adapter_name(name)
+        with self._lock:
+            if name in self._store:
+                raise ValueError(f"adapter {name!r} is already registered")
+            self._register(name, self._read(name, source))
+
+    def load_adapter(self, name: str, source) -> int:
+        """Registers an adapter and writes it into a slot now, in place (a compiled model keeps its graphs).
+
+        The slot is a free one, else that of the least recently used adapter nothing uses (which
+        stays registered, in host memory). Linears that no registered adapter targeted yet are
+        wrapped on the way (a compiled model then recompiles once). Nothing changes when the adapter
+        is refused.
 
         Args:
             name: a new adapter name.
@@ -297,92 +396,179 @@ class MoELoRAModel:
             The slot it occupies.
 
         Raises:
-            ValueError: the name is taken, every slot is used, the rank exceeds ``max_rank``, the
-                adapter does not fit the model, or its weights hold NaN or Inf or overflow the model's
-                dtype. NotImplementedError: an unsupported PEFT feature.
+            ValueError: the name is taken, every slot holds an adapter in use, the rank exceeds
+                ``max_rank``, the adapter does not fit the model, or its weights hold NaN or Inf or
+                overflow the model's dtype. NotImplementedError: an unsupported PEFT feature.
         """
         check_adapter_name(name)
         with self._lock:
-            if name in self._slot_of:
-                raise ValueError(f"adapter {name!r} is already loaded (slot {self._slot_of[name]})")
-            free = [slot for slot in range(self.max_loras) if slot not in self._slot_of.values()]
-            if not free:
-                raise ValueError(
-                    f"adapter {name!r}: all {self.max_loras} slots are used by {self.adapter_names}; unload one first"
-                )
+            if name in self._store:
+                raise ValueError(f"adapter {name!r} is already loaded (slot {self.slot_of(name)})")
             adapter = self._read(name, source)
-            self._write(free[0], adapter)
-            self._slot_of[name] = free[0]
-            return free[0]
+            if not self._store.free_slots() and all(n in self._in_use() for n in self._store.slot_of):
+                raise ValueError(
+                    f"adapter {name!r}: all {self.max_loras} slots are used by adapters in use "
+                    f"({self.adapter_names}); unmap or unload one first"
+                )
+            self._register(name, adapter)
+            self._make_resident([name])
+            return self._store.slot_of[name]
 
     def unload_adapter(self, name: str) -> None:
-        """Zeros the adapter's slot in every table and frees it.
+        """Forgets an adapter: zeros its slot in every table and drops its host copy.
 
         Raises:
-            KeyError: the adapter is not loaded. ValueError: the current mapping still uses it.
+            KeyError: the adapter is not registered. ValueError: the mapping, an enclosing
+                ``adapters()`` block or a running request uses it.
         """
         with self._lock:
-            if name not in self._slot_of:
-                raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.adapter_names}")
-            if self._row_names is not None and name in self._row_names:
+            if name not in self._store:
+                raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.registered_adapters}")
+            user = self._in_use().get(name)
+            if user == "the mapping":
                 raise ValueError(f"adapter {name!r} is mapped to batch rows by set_adapters; remap the rows first")
-            if any(saved is not None and name in saved for saved in self._saved_mappings):
+            if user == "an enclosing adapters() block":
                 raise ValueError(
                     f"adapter {name!r} is in the mapping an enclosing adapters() block restores; unload it after "
                     "that block"
                 )
-            slot = self._slot_of.pop(name)
-            for _, linear in self._linears.values():
-                linear.clear_slot(slot)
-            for table in self._tables.values():
-                table.clear_slot(slot)
+            if user is not None:
+                raise ValueError(f"adapter {name!r} is used by running requests; unload it when they have finished")
+            slot = self._store.remove(name)
+            if slot is not None:
+                for _, linear in self._linears.values():
+                    linear.clear_slot(slot)
+                for table in self._tables.values():
+                    table.clear_slot(slot)
+                if self.serving is not None:
+                    self.serving.wake()
+
+    # --- continuous batching ------------------------------------------------------------------
+
+    def _requests(self):
+        if self.serving is None:
+            self.serving = serving.RequestAdapters(self)
+        return self.serving
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, **kwargs):
+        """``model.init_continuous_batching`` (transformers' ``ContinuousBatchingManager``) with KV-cache
+        block sharing off, which would share blocks computed under another adapter. Add requests
+        through ``add_request``; read results from the manager (``get_result``, ``request_id_iter``).
+
+        Args:
+            generation_config, continuous_batching_config, kwargs: as transformers takes them.
+        """
+        config = serving.continuous_batching_config(continuous_batching_config)
+        return self.model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=config, **kwargs
+        )
+
+    def add_request(self, manager, input_ids: Sequence[int], *, adapter: str | None = None,
+                    request_id: str | None = None, **kwargs) -> str:  # fmt: skip
+        """Adds a request that runs on ``adapter`` to a continuous-batching manager of this model.
+
+        An adapter without a slot is swapped in first (see the class docstring); when every slot
+        holds an adapter that running requests use, the request waits, outside the manager, until
+        one comes free. The adapter keeps its slot until the request's final output is delivered.
+
+        Args:
+            manager: from ``init_continuous_batching`` (or transformers' own, created with
+                ``ContinuousBatchingConfig(allow_block_sharing=False)``).
+            input_ids: the prompt's token ids.
+            adapter: a registered adapter's name, or None for the base model.
+            request_id: as ``manager.add_request`` takes it; a fresh id when None.
+            kwargs: the rest of ``manager.add_request``'s arguments (``max_new_tokens``, ...).
+
+        Returns:
+            The request id (results come back from the manager under it).
+
+        Raises:
+            KeyError: ``adapter`` is not registered (only this request fails). ValueError: the
+                manager shares KV-cache blocks, or the request id is running already.
+            NotImplementedError: transformers older than 5.17, or ``num_return_sequences > 1``.
+        """
+        self._check_patched()
+        return self._requests().add_request(manager, input_ids, adapter, request_id, **kwargs)
+
+    def cancel_request(self, manager, request_id: str) -> None:
+        """Cancels a request added by ``add_request`` (waiting for a slot or running) and frees its adapter."""
+        self._requests().cancel_request(manager, request_id)
+
+    def generate_batch(self, inputs: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
+                       generation_config=None, continuous_batching_config=None, **kwargs) -> dict:  # fmt: skip
+        """``model.generate_batch`` with an adapter per input, through transformers' continuous batching.
+
+        Args:
+            inputs: the prompts' token ids.
+            adapters: one adapter name (or None) per input; None runs every input on the base model.
+            generation_config, continuous_batching_config: as transformers takes them (block sharing
+                is turned off).
+            kwargs: passed to every ``add_request`` (e.g. ``max_new_tokens``).
+
+        Returns:
+            ``{"req_<i>": GenerationOutput}`` in input order, like transformers; an input naming an
+            adapter that is not registered comes back with status FAILED and the error, the others
+            run as usual.
+        """
+        self._check_patched()
+        return serving.generate_batch(self, inputs, adapters, generation_config, continuous_batching_config, **kwargs)
 
     # --- mapping --------------------------------------------------------------------------------
 
-    def set_adapters(self, names: Sequence[str | None] | None) -> None:
-        """Chooses each batch row's adapter for the following forward passes.
+    def set_adapters(self, names: Sequence[str | None] | None, *, lengths: Sequence[int] | None = None) -> None:
+        """Chooses the adapter of each batch row, or of each sequence of a packed batch, for the
+        following forward passes. Registered adapters without a slot are swapped in.
 
         Args:
-            names: one entry per batch row, an adapter name or None (the base model), or None to
-                remove the mapping (every row runs the base model, any batch size). The batch of
-                every following call must have ``len(names)`` rows.
+            names: one entry per batch row (per sequence with ``lengths``), an adapter name or None
+                (the base model), or None to remove the mapping (every row runs the base model, any
+                batch size). The batch of every following call must have ``len(names)`` rows.
+            lengths: for a packed batch (inputs ``[1, T]`` holding the sequences one after another,
+                as with flash attention's varlen path), the token count of each sequence, adding up
+                to ``T``; the mapping then holds one slot per token. None maps batch rows.
 
         Raises:
-            TypeError: ``names`` is a string or holds something other than names and None.
-            KeyError: a name that is not loaded.
+            TypeError: ``names`` is a string or holds something other than names and None, or
+                ``lengths`` is not a sequence of positive ints of the same length.
+            KeyError: a name that is not registered.
+            ValueError: the adapters named need more slots than can be freed.
         """
-        names = _row_names(names)
+        mapping = _as_mapping(names, lengths)
         with self._lock:
             self._check_patched()
-            if names is None:
-                self._map(None)
-                return
-            unknown = sorted({n for n in names if n is not None and n not in self._slot_of})
-            if unknown:
-                raise KeyError(f"adapters {unknown} are not loaded; loaded: {self.adapter_names}")
-            self._map(names)
+            if mapping is not None:
+                unknown = sorted({n for n in mapping.names if n is not None and n not in self._store})
+                if unknown:
+                    raise KeyError(f"adapters {unknown} are not loaded; loaded: {self.registered_adapters}")
+                self._make_resident(mapping.names, current=False)
+            self._map(mapping)
 
-    def _map(self, names: list[str | None] | None) -> None:
-        """Writes the mapping of already-checked names (held under the lock)."""
-        if names is None:
-            self.row_slots.clear()
+    def _map(self, mapping: _Names | None) -> None:
+        """Writes an already-checked mapping whose adapters have slots (held under the lock)."""
+        if mapping is None:
+            self.mapping.clear()
+        elif mapping.lengths is None:
+            self.mapping.set(mapping.token_slots(self._store.slot_of), self.device)
         else:
-            self.row_slots.set([-1 if n is None else self._slot_of[n] for n in names], self.device)
-        self._row_names = names
+            self.mapping.set_tokens(mapping.token_slots(self._store.slot_of), self.device)
+        self._mapped = mapping
+        if self.serving is not None:
+            self.serving.wake()
 
     @contextlib.contextmanager
-    def adapters(self, names: Sequence[str | None] | None) -> Iterator[None]:
-        """``set_adapters(names)`` for the duration of a ``with`` block, then the previous mapping.
+    def adapters(self, names: Sequence[str | None] | None, *, lengths: Sequence[int] | None = None) -> Iterator[None]:
+        """``set_adapters(names, lengths=lengths)`` for the duration of a ``with`` block, then the
+        previous mapping.
 
         The block holds the handle's lock: another thread's block waits until this one exits (see
-        the class docstring). Blocks nest; an adapter that an enclosing block restores cannot be
-        unloaded inside it, so every exit restores exactly what was there.
+        the class docstring). Blocks nest; an adapter that an enclosing block restores keeps its
+        slot and cannot be unloaded inside it, so every exit restores exactly what was there.
         """
         with self._lock:
-            previous = self._row_names
-            self.set_adapters(names)
+            previous = self._mapped
             self._saved_mappings.append(previous)
             try:
+                self.set_adapters(names, lengths=lengths)
                 yield
             finally:
                 self._saved_mappings.pop()
@@ -402,27 +588,36 @@ class MoELoRAModel:
     def _check_block_rows(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden_states = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden_states, torch.Tensor):
-            self.row_slots.check_rows(hidden_states, f"the patched MoE block {type(block).__name__}")
+            self.mapping.check_rows(hidden_states, f"the patched MoE block {type(block).__name__}")
 
     def _check_batch(self, args: tuple, kwargs: dict) -> None:
-        row_slot = self.row_slots.row_slot
-        if row_slot is None:
+        slots = self.mapping.row_slot
+        if slots is None:
             return
         inputs = kwargs.get("input_ids")
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         if inputs is None and args:
             inputs = args[0]
-        if isinstance(inputs, torch.Tensor) and inputs.shape[0] != row_slot.shape[0]:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+            return
+        if self.mapping.per_token and inputs.shape[0] * inputs.shape[1] != slots.shape[0]:
             raise ValueError(
-                f"the batch has {inputs.shape[0]} rows but set_adapters was given {row_slot.shape[0]} names; "
+                f"the batch has {inputs.shape[0] * inputs.shape[1]} tokens but the packed mapping has "
+                f"{slots.shape[0]}; the lengths given to set_adapters must add up to the batch's tokens"
+            )
+        if not self.mapping.per_token and inputs.shape[0] != slots.shape[0]:
+            raise ValueError(
+                f"the batch has {inputs.shape[0]} rows but set_adapters was given {slots.shape[0]} names; "
                 "give one adapter name (or None) per batch row"
             )
 
 
-def _row_names(names) -> list[str | None] | None:
-    """``names`` as a list of names and None, or None; raises TypeError for anything else."""
+def _as_mapping(names, lengths) -> _Names | None:
+    """``names`` (and ``lengths``) as a ``_Names``, or None; raises TypeError/ValueError for anything else."""
     if names is None:
+        if lengths is not None:
+            raise TypeError("set_adapters: lengths without names; give one adapter name (or None) per sequence")
         return None
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
         raise TypeError(
@@ -435,7 +630,15 @@ def _row_names(names) -> list[str | None] | None:
         raise TypeError(f"names must hold adapter names (str) or None, got {bad!r}")
     if not names:
         raise ValueError("names is empty; give one adapter name (or None) per batch row, or None for no mapping")
-    return names
+    if lengths is not None:
+        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+            raise TypeError(f"lengths must be a sequence of ints (tokens per sequence), got {type(lengths).__name__}")
+        lengths = list(lengths)
+        if len(lengths) != len(names) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+            raise TypeError(
+                f"lengths must hold one positive int per name ({len(names)} names), got {lengths!r}"
+            )
+    return _Names(names, lengths)
 
 
 def patch_model(
@@ -447,17 +650,20 @@ def patch_model(
     process_group=None,
     parallelism: str = "tensor",
 ) -> MoELoRAModel:
-    """Patches ``model`` in place for per-row multi-LoRA inference and loads ``loras``.
+    """Patches ``model`` in place for multi-LoRA inference (an adapter per batch row, per sequence of
+    a packed batch, or per continuous-batching request) and registers ``loras``.
 
     Args:
         model: a transformers MoE model of a family in ``models.FAMILIES`` (any dtype and device).
-        loras: adapter name -> PEFT adapter directory or ``(state_dict, config)`` pair; loaded into
-            slots ``0, 1, ...`` in order.
+        loras: adapter name -> PEFT adapter directory or ``(state_dict, config)`` pair, registered in
+            order; the first ``max_loras`` take slots ``0, 1, ...``, the others stay in host memory
+            until a mapping or a request names them (``MoELoRAModel``).
         max_loras: slots per layer; defaults to ``len(loras)``. Give more to load adapters later.
         max_rank: the largest rank the tables hold; defaults to the largest rank in ``loras``. Every
             slot is padded to it, so it and ``max_loras`` set the memory of the tables (per MoE
             layer ``max_loras * E * max_rank * (2H + 3I)`` elements, per wrapped linear
-            ``max_loras * max_rank * (in + out)``), and an adapter loaded later must fit it.
+            ``max_loras * max_rank * (in + out)``), and an adapter loaded later must fit it. Tables
+            that do not fit the device's free memory are refused before anything is allocated.
         process_group: a ``torch.distributed`` group over which to split the routed experts (every
             rank calls ``patch_model`` with the same model and adapters); None runs unsplit.
         parallelism: with a group, ``"tensor"`` (each rank keeps ``I / world`` intermediate columns
@@ -472,8 +678,8 @@ def patch_model(
         NotImplementedError: no supported MoE block; unsupported adapter features.
         TypeError: ``loras`` not a mapping, a name not a str, ``max_loras``/``max_rank`` not
             positive ints.
-        ValueError: adapters that do not fit the model or the tables; a block that does not split
-            evenly over the group.
+        ValueError: adapters that do not fit the model or the tables; tables larger than the
+            device's free memory; a block that does not split evenly over the group.
     """
     if not isinstance(loras, Mapping):
         raise TypeError(f"patch_model: loras must be a mapping of adapter name -> source, got {type(loras).__name__}")
@@ -496,16 +702,24 @@ def patch_model(
         raise ValueError("patch_model: without adapters, give max_loras and max_rank")
     max_loras = len(adapters) if max_loras is None else max_loras
     max_rank = max(a.rank for a in adapters.values()) if max_rank is None else max_rank
-    if max_loras < len(adapters):
-        raise ValueError(f"patch_model: {len(adapters)} adapters do not fit max_loras={max_loras}")
     for adapter in adapters.values():
         _check_rank(adapter, max_rank)
+    split_gate_up = any(a.split_gate_up for a in adapters.values())
     if sharding is not None:
         for block in blocks:
             sharding.shard_block(block)
-    split_gate_up = any(a.split_gate_up for a in adapters.values())
+    device = blocks[0].spec.w13(blocks[0].experts).device
+    need = sum(
+        ExpertLoRASlots.table_bytes(max_loras, *b.spec.w2(b.experts).shape, max_rank, gated=b.spec.gated,
+                                    split_gate_up=split_gate_up, dtype=b.spec.w13(b.experts).dtype)
+        for b in blocks
+    )  # fmt: skip
+    targeted = {name for adapter in adapters.values() for name in adapter.linears}
+    need += sum(MultiLoRALinear.table_bytes(model.get_submodule(n), max_loras, max_rank) for n in targeted)
+    check_device_memory(need, device, f"the LoRA tables of {len(blocks)} MoE blocks and {len(targeted)} linears",
+                        max_loras, max_rank)  # fmt: skip
     handle = MoELoRAModel(model, blocks, max_loras, max_rank, split_gate_up, sharding)
-    for slot, adapter in enumerate(adapters.values()):
-        handle._write(slot, adapter)
-        handle._slot_of[adapter.name] = slot
+    for name, adapter in adapters.items():
+        handle._register(name, adapter)
+    handle._make_resident(list(adapters)[:max_loras])
     return handle
