@@ -80,7 +80,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         paths = make_adapters(model, args.adapters, root)
         handle = patch_model(model, paths, max_loras=args.slots, max_rank=8)
-        print(f"{len(handle.registered_adapters)} adapters registered, {args.slots} slots: {handle.adapter_names} resident")
+        print(
+            f"{len(handle.registered_adapters)} adapters registered, {args.slots} slots: "
+            f"{handle.adapter_names} resident"
+        )
 
         rng = random.Random(0)
         workload = []
@@ -89,7 +92,11 @@ def main() -> None:
             adapter = rng.choice([*paths, None])
             workload.append((prompt, "no-such-adapter" if i == args.requests // 3 else adapter, rng.randint(2, 16)))
         generation = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        page = "page_size" if "page_size" in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)} else "block_size"
+        page = (
+            "page_size"
+            if "page_size" in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+            else "block_size"
+        )
         cache = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=128, **{page: 16})  # a small paged KV cache
         manager = handle.init_continuous_batching(generation, cache)
         submitted, results = {}, {}
@@ -120,7 +127,8 @@ def main() -> None:
             agree = checked = 0
             for rid, (prompt, adapter, new_tokens) in submitted.items():
                 out = results[rid]
-                line = f"{rid:>13} {adapter or '(base)':>9} prompt {len(prompt):>2} {out.status.name:<8} {out.generated_tokens[:6]}"
+                line = f"{rid:>13} {adapter or '(base)':>9} prompt {len(prompt):>2} {out.status.name:<8} "
+                line += str(out.generated_tokens[:6])
                 if checked < args.check:
                     same = out.generated_tokens == peft_tokens(model, paths.get(adapter), prompt, new_tokens)
                     agree, checked = agree + same, checked + 1
@@ -128,7 +136,9 @@ def main() -> None:
                 print(line)
     generated = sum(len(out.generated_tokens) for out in results.values())
     print(f"{agree} of {checked} checked requests agree with PEFT token for token")
-    print(f"{len(results)} requests, {generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s ({device})")
+    print(
+        f"{len(results)} requests, {generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s ({device})"
+    )
 
 
 if __name__ == "__main__":

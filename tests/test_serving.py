@@ -28,7 +28,9 @@ def cb_config(**kwargs):
     ``block_size`` in transformers 5.17 and ``page_size`` later."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    page = "page_size" if "page_size" in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)} else "block_size"
+    page = (
+        "page_size" if "page_size" in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)} else "block_size"
+    )
     return ContinuousBatchingConfig(**{**dict(num_blocks=32, max_batch_tokens=64, **{page: 16}), **kwargs})
 
 
@@ -53,7 +55,11 @@ def sdpa_model():
 def reference_tokens(models, prompt, adapter, new_tokens=NEW_TOKENS) -> list[int]:
     with torch.no_grad():
         out = models[adapter].generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
 
@@ -143,7 +149,9 @@ def test_generate_batch_gives_each_request_its_adapter(served):
     inputs = prompts((5, 9, 3, 7, 4, 6))
     adapters = ["a", "b", None, "c", "zzz", "a"]
     with torch.no_grad():
-        outputs = handle.generate_batch(inputs, adapters, generation_config=GREEDY, continuous_batching_config=cb_config())
+        outputs = handle.generate_batch(
+            inputs, adapters, generation_config=GREEDY, continuous_batching_config=cb_config()
+        )
     assert list(outputs) == [f"req_{i}" for i in range(len(inputs))]
     failed = outputs["req_4"]
     assert failed.status.name == "FAILED" and "'zzz'" in failed.error and failed.generated_tokens == []
@@ -205,7 +213,9 @@ def test_more_adapters_than_slots_wait_for_one(served):
     inputs = prompts((5, 4, 6, 3, 7), seed=8)
     adapters = ["b", "c", "a", None, "b"]
     with torch.no_grad():
-        outputs = handle.generate_batch(inputs, adapters, generation_config=GREEDY, continuous_batching_config=cb_config())
+        outputs = handle.generate_batch(
+            inputs, adapters, generation_config=GREEDY, continuous_batching_config=cb_config()
+        )
     check_outputs(outputs, {f"req_{i}": (p, a, NEW_TOKENS) for i, (p, a) in enumerate(zip(inputs, adapters))}, models)
     assert len(handle.adapter_names) == 1
 
@@ -226,7 +236,9 @@ def test_unpatched_models_run_through_the_hook_unchanged(served):
     with torch.no_grad():
         handle.generate_batch([[1, 2, 3]], ["a"], generation_config=GREEDY, continuous_batching_config=cb_config())
         plain = sdpa_model()
-        outputs = plain.generate_batch(prompts((4, 6)), generation_config=GREEDY, continuous_batching_config=cb_config())
+        outputs = plain.generate_batch(
+            prompts((4, 6)), generation_config=GREEDY, continuous_batching_config=cb_config()
+        )
     for out, prompt in zip(outputs.values(), prompts((4, 6))):
         assert out.generated_tokens == reference_tokens(models, prompt, None)
 
@@ -247,8 +259,11 @@ def test_table_bytes_are_what_the_tables_allocate():
 def test_tables_that_do_not_fit_the_device_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
     check_device_memory(2**30, torch.device("cuda:0"), "tables", 4, 16)
-    with pytest.raises(ValueError, match=r"tables need 20.00 GiB on cuda:0 \(5.000 GiB a slot at rank 16\), but only "
-                       r"2.00 of its 80.00 GiB are free; lower max_loras \(now 4\) or max_rank \(now 16\)"):  # fmt: skip
+    expected = (
+        r"tables need 20.00 GiB on cuda:0 \(5.000 GiB a slot at rank 16\), but only 2.00 of its 80.00 GiB are free; "
+        r"lower max_loras \(now 4\) or max_rank \(now 16\)"
+    )
+    with pytest.raises(ValueError, match=expected):
         check_device_memory(20 * 2**30, torch.device("cuda:0"), "tables", 4, 16)
     check_device_memory(2**40, torch.device("cpu"), "tables", 4, 16)  # host memory is not checked
 

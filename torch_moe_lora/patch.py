@@ -2,143 +2,44 @@
 
 ``patch_model`` finds every MoE block (``models.find_moe_blocks``), gives each one an
 ``ExpertLoRASlots`` table and routes its experts through ``fused_experts``: interface blocks by the
-``moe_lora`` experts implementation registered in transformers' ``ALL_EXPERTS_FUNCTIONS``, whole
-blocks (Llama 4) by replacing the block's forward with ``models.whole_block_forward``. Routing stays
-the model's own. Targeted ``nn.Linear`` layers are swapped for ``MultiLoRALinear``. Every table is
-allocated once; loading, unloading and remapping adapters copy into them in place.
+``moe_lora`` experts implementation registered in transformers' ``ALL_EXPERTS_FUNCTIONS``
+(``patching.moe_lora_experts``), whole blocks (Llama 4) by replacing the block's forward with
+``models.whole_block_forward``. Routing stays the model's own. Targeted ``nn.Linear`` layers are
+swapped for ``MultiLoRALinear``. Every table is allocated once; registering, swapping in, unloading
+and remapping adapters copy into them in place. Continuous batching is in ``serving``, the books of
+registered and resident adapters in ``residency``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from . import serving
 from .adapters import AdapterLoRA, check_adapter_name, read_adapter
 from .linear import MultiLoRALinear, SlotMapping
 from .lora import ExpertLoRASlots, check_device_memory
-from .models import ExpertsSpec, MoEBlock, find_moe_blocks, whole_block_forward
-from .ops.fused_experts import fused_experts
+from .models import MoEBlock, find_moe_blocks, whole_block_forward
 from .parallel import ExpertSharding
+from .patching import (
+    EXPERTS_IMPLEMENTATION,
+    STATE_ATTR,
+    Names,
+    PatchedExperts,
+    as_names,
+    check_finite,
+    check_rank,
+    is_interface_block,
+    moe_lora_experts,
+)  # fmt: skip
 from .reference import gate_rows_ref
-from . import serving
 from .residency import AdapterStore, host_copy
-
-EXPERTS_IMPLEMENTATION = "moe_lora"
-"""The name of our experts implementation in ``ALL_EXPERTS_FUNCTIONS``."""
-
-_STATE_ATTR = "_moe_lora"
-
-
-class _PatchedExperts:
-    """What the patched experts of one block read: their spec, LoRA table, the row mapping and,
-    under parallelism, this rank's sharding (local expert ids, then one all-reduce of the output)."""
-
-    def __init__(
-        self, spec: ExpertsSpec, table: ExpertLoRASlots, mapping: SlotMapping, sharding: ExpertSharding | None
-    ):
-        self.spec, self.table, self.mapping, self.sharding = spec, table, mapping, sharding
-
-    def __call__(self, experts: nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        token_lora = self.mapping.token_slots(x.shape[0], x.device)
-        lora = None if token_lora is None else self.table.weights
-        if self.sharding is not None:
-            topk_ids = self.sharding.local_ids(topk_ids, self.table.num_experts)
-        out = fused_experts(x, topk_ids, topk_weights, token_lora=token_lora, lora=lora, **self.spec.op_kwargs(experts))
-        return out if self.sharding is None else self.sharding.reduce(out)
-
-
-def moe_lora_experts(
-    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """The ``moe_lora`` experts implementation: ``fused_experts`` with the module's LoRA table.
-
-    Args:
-        experts: a patched interface experts module.
-        hidden_states: ``[T, H]``; top_k_index: ``[T, K]`` int64; top_k_weights: ``[T, K]`` float.
-
-    Returns:
-        ``[T, H]`` in ``hidden_states.dtype``.
-    """
-    return getattr(experts, _STATE_ATTR)(experts, hidden_states, top_k_index, top_k_weights)
-
-
-def _is_interface_block(block: MoEBlock) -> bool:
-    return block.family.whole_block is None
-
-
-def _check_rank(adapter: AdapterLoRA, max_rank: int, joined: bool = False) -> None:
-    if adapter.rank <= max_rank:
-        return
-    how = (
-        " (its per-expert gate and up LoRAs joined into one gate_up LoRA of rank r_gate + r_up: the tables "
-        "were built without separate gate/up slots)"
-        if joined
-        else ""
-    )
-    raise ValueError(
-        f"adapter {adapter.name!r}: rank {adapter.rank}{how} > the tables' max_rank {max_rank} (every slot is "
-        "padded to max_rank; give patch_model a max_rank as large as the largest adapter you will load)"
-    )
-
-
-def _check_finite(adapter: AdapterLoRA, source, model: nn.Module, blocks: list[MoEBlock]) -> None:
-    """Refuses an adapter with a NaN or Inf in its weights or scales, or with values that overflow
-    the dtype of the table they go into: such an adapter is broken, and the GPU experts kernels add
-    ``0 * B`` of every slot present in a block to the rows of the others (exactly zero for a finite
-    B only).
-
-    Raises:
-        ValueError: naming the adapter, its directory and the module.
-    """
-    where = f"adapter {adapter.name!r}"
-    if isinstance(source, (str, os.PathLike)):
-        where += f" ({os.fspath(source)})"
-    block_dtype = {b.name: b.spec.w13(b.experts).dtype for b in blocks}
-    checks = []
-    for name, lora in adapter.linears.items():
-        dtype = model.get_submodule(name).weight.dtype
-        checks += [(f"{name} lora_A", lora.a, dtype), (f"{name} lora_B", lora.b, dtype), (f"{name} scale", lora.scale, None)]
-    for name, lora in adapter.experts.items():
-        for role in ("gate_up", "gate", "up", "down"):
-            pair = getattr(lora, role)
-            if pair is not None:
-                checks += [(f"{name} experts {role} lora_A", pair[0], block_dtype[name])]
-                checks += [(f"{name} experts {role} lora_B", pair[1], block_dtype[name])]
-        checks += [(f"{name} experts gate_up scale", lora.gate_up_scale, None)]
-        checks += [(f"{name} experts down scale", lora.down_scale, None)]
-    for what, value, dtype in checks:
-        if dtype is None:
-            if not math.isfinite(value):
-                raise ValueError(f"{where}: {what} is {value}")
-        elif not torch.isfinite(value).all():
-            raise ValueError(f"{where}: {what} holds NaN or Inf")
-        elif not torch.isfinite(value.to(dtype)).all():
-            raise ValueError(
-                f"{where}: {what} overflows {dtype}, the model's dtype (largest |value| {value.abs().max().item():.3g})"
-            )
-
-
-class _Names(NamedTuple):
-    """A mapping as given: an adapter name (or None) per batch row, or per sequence of a packed batch
-    with the sequences' token counts (``lengths``; None for batch rows)."""
-
-    names: list[str | None]
-    lengths: list[int] | None
-
-    def token_slots(self, slot_of: Mapping[str, int]) -> list[int]:
-        slots = [-1 if n is None else slot_of[n] for n in self.names]
-        if self.lengths is None:
-            return slots
-        return [slot for slot, length in zip(slots, self.lengths) for _ in range(length)]
 
 
 class MoELoRAModel:
@@ -179,10 +80,10 @@ class MoELoRAModel:
         self.device = blocks[0].spec.w13(blocks[0].experts).device
         self.mapping = SlotMapping(max_loras)
         self._store = AdapterStore(max_loras)
-        self._mapped: _Names | None = None
+        self._mapped: Names | None = None
         self._lock = threading.RLock()
         # The mappings that enclosing adapters() blocks restore on exit (innermost last).
-        self._saved_mappings: list[_Names | None] = []
+        self._saved_mappings: list[Names | None] = []
         # Continuous batching (serving.RequestAdapters), once a request was added through the handle.
         self.serving = None
         self._linears: dict[str, tuple[nn.Linear, MultiLoRALinear]] = {}
@@ -207,9 +108,9 @@ class MoELoRAModel:
     def _patch_blocks(self) -> None:
         ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
         for block in self.blocks:
-            state = _PatchedExperts(block.spec, self._tables[block.name], self.mapping, self.sharding)
-            setattr(block.experts, _STATE_ATTR, state)
-            if _is_interface_block(block):
+            state = PatchedExperts(block.spec, self._tables[block.name], self.mapping, self.sharding)
+            setattr(block.experts, STATE_ATTR, state)
+            if is_interface_block(block):
                 config = block.experts.config
                 self._previous_implementation.setdefault(id(config), (config, config._experts_implementation))
                 config._experts_implementation = EXPERTS_IMPLEMENTATION
@@ -254,8 +155,8 @@ class MoELoRAModel:
         for config, implementation in self._previous_implementation.values():
             config._experts_implementation = implementation
         for block in self.blocks:
-            delattr(block.experts, _STATE_ATTR)
-            if not _is_interface_block(block):
+            delattr(block.experts, STATE_ATTR)
+            if not is_interface_block(block):
                 del block.block.forward
         for name, (original, _) in self._linears.items():
             parent_name, _, child = name.rpartition(".")
@@ -291,7 +192,7 @@ class MoELoRAModel:
         """Reads and checks an adapter against the tables; raises before anything changes."""
         self._check_patched()
         adapter = read_adapter(name, source, self.model, self.blocks, self.sharding)
-        _check_finite(adapter, source, self.model, self.blocks)
+        check_finite(adapter, source, self.model, self.blocks)
         joined = adapter.split_gate_up and not next(iter(self._tables.values())).weights.split_gate_up
         if joined:
             experts = dict(adapter.experts)
@@ -299,7 +200,7 @@ class MoELoRAModel:
                 if block.name in experts:
                     experts[block.name] = experts[block.name].joined(self._gate_rows(block))
             adapter = adapter._replace(experts=experts)
-        _check_rank(adapter, self.max_rank, joined)
+        check_rank(adapter, self.max_rank, joined)
         return adapter
 
     def _gate_rows(self, block: MoEBlock) -> torch.Tensor:
@@ -533,7 +434,7 @@ class MoELoRAModel:
             KeyError: a name that is not registered.
             ValueError: the adapters named need more slots than can be freed.
         """
-        mapping = _as_mapping(names, lengths)
+        mapping = as_names(names, lengths)
         with self._lock:
             self._check_patched()
             if mapping is not None:
@@ -543,7 +444,7 @@ class MoELoRAModel:
                 self._make_resident(mapping.names, current=False)
             self._map(mapping)
 
-    def _map(self, mapping: _Names | None) -> None:
+    def _map(self, mapping: Names | None) -> None:
         """Writes an already-checked mapping whose adapters have slots (held under the lock)."""
         if mapping is None:
             self.mapping.clear()
@@ -613,34 +514,6 @@ class MoELoRAModel:
             )
 
 
-def _as_mapping(names, lengths) -> _Names | None:
-    """``names`` (and ``lengths``) as a ``_Names``, or None; raises TypeError/ValueError for anything else."""
-    if names is None:
-        if lengths is not None:
-            raise TypeError("set_adapters: lengths without names; give one adapter name (or None) per sequence")
-        return None
-    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
-        raise TypeError(
-            f"names must be a sequence of adapter names (or None), one per batch row, or None; got "
-            f"{type(names).__name__} {names!r}" + (f" (for one row, write [{names!r}])" if isinstance(names, str) else "")
-        )
-    names = list(names)
-    bad = [n for n in names if n is not None and not isinstance(n, str)]
-    if bad:
-        raise TypeError(f"names must hold adapter names (str) or None, got {bad!r}")
-    if not names:
-        raise ValueError("names is empty; give one adapter name (or None) per batch row, or None for no mapping")
-    if lengths is not None:
-        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
-            raise TypeError(f"lengths must be a sequence of ints (tokens per sequence), got {type(lengths).__name__}")
-        lengths = list(lengths)
-        if len(lengths) != len(names) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-            raise TypeError(
-                f"lengths must hold one positive int per name ({len(names)} names), got {lengths!r}"
-            )
-    return _Names(names, lengths)
-
-
 def patch_model(
     model: nn.Module,
     loras: Mapping[str, object],
@@ -693,17 +566,17 @@ def patch_model(
     if sharding is not None:
         for block in blocks:
             sharding.check(block)
-    if any(hasattr(block.experts, _STATE_ATTR) for block in blocks):
+    if any(hasattr(block.experts, STATE_ATTR) for block in blocks):
         raise ValueError(f"{type(model).__name__} is already patched; call unpatch() on its handle first")
     adapters = {name: read_adapter(name, source, model, blocks, sharding) for name, source in loras.items()}
     for name, adapter in adapters.items():
-        _check_finite(adapter, loras[name], model, blocks)
+        check_finite(adapter, loras[name], model, blocks)
     if not adapters and (max_loras is None or max_rank is None):
         raise ValueError("patch_model: without adapters, give max_loras and max_rank")
     max_loras = len(adapters) if max_loras is None else max_loras
     max_rank = max(a.rank for a in adapters.values()) if max_rank is None else max_rank
     for adapter in adapters.values():
-        _check_rank(adapter, max_rank)
+        check_rank(adapter, max_rank)
     split_gate_up = any(a.split_gate_up for a in adapters.values())
     if sharding is not None:
         for block in blocks:

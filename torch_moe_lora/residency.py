@@ -16,7 +16,9 @@ import torch
 from .adapters import AdapterLoRA, BlockLoRA, LinearLoRA
 
 
-def host_copy(adapter: AdapterLoRA, linear_dtype: dict[str, torch.dtype], block_dtype: dict[str, torch.dtype]) -> AdapterLoRA:
+def host_copy(
+    adapter: AdapterLoRA, linear_dtype: dict[str, torch.dtype], block_dtype: dict[str, torch.dtype]
+) -> AdapterLoRA:
     """``adapter`` with every matrix in the dtype of the table it goes into, in pinned host memory
     where CUDA is available (so writing it into a slot copies without a staging buffer)."""
     pin = torch.cuda.is_available()
@@ -95,6 +97,7 @@ class AdapterStore:
         Raises:
             ValueError: not enough slots can be freed (nothing is changed then).
         """
+        names = list(names)
         wanted = list(dict.fromkeys(n for n in names if n not in self.slot_of))
         if not wanted:
             return []
@@ -103,7 +106,8 @@ class AdapterStore:
         evictable = sorted((n for n in self.slot_of if n not in keep), key=lambda n: self._last_use.get(n, 0))
         if len(wanted) > len(free) + len(evictable):
             raise ValueError(
-                f"adapters {wanted} need {len(wanted)} slot{'s' if len(wanted) > 1 else ''} but only {len(free) + len(evictable)} of the "
+                f"adapters {wanted} need {len(wanted)} slot{'s' if len(wanted) > 1 else ''} but only "
+                f"{len(free) + len(evictable)} of the "
                 f"{self.num_slots} can be freed: {sorted(set(self.slot_of) & keep)} are in use (by the mapping, an "
                 "enclosing adapters() block or a running request); wait for those, or patch with a larger max_loras"
             )

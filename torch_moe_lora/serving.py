@@ -43,7 +43,8 @@ def _continuous_batching():
     """transformers' continuous-batching modules, checked for the version and the hook's signature."""
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
         raise NotImplementedError(
-            f"continuous batching with adapters needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}"
+            f"continuous batching with adapters needs transformers >= {MIN_TRANSFORMERS}, "
+            f"found {transformers.__version__}"
         )
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching import model_runner, requests
@@ -159,12 +160,16 @@ class RequestAdapters:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def add_request(self, manager, input_ids: Sequence[int], adapter: str | None, request_id: str | None, **kwargs) -> str:
+    def add_request(
+        self, manager, input_ids: Sequence[int], adapter: str | None, request_id: str | None, **kwargs
+    ) -> str:
         handle = self.handle
         if adapter is not None and not isinstance(adapter, str):
             raise TypeError(f"adapter must be an adapter name (str) or None, got {type(adapter).__name__}")
         if adapter is not None and adapter not in handle._store:
-            raise KeyError(f"request names adapter {adapter!r}, which is not loaded; loaded: {handle.registered_adapters}")
+            raise KeyError(
+                f"request names adapter {adapter!r}, which is not loaded; loaded: {handle.registered_adapters}"
+            )
         self._attach(manager)
         request_id = f"lora_req_{next(self._ids)}" if request_id is None else request_id
         with handle._lock:
@@ -289,7 +294,9 @@ def generate_batch(handle, inputs, adapters, generation_config=None, continuous_
             output = manager.get_result(timeout=1.0)
             if output is None:
                 if not manager.is_running():
-                    raise RuntimeError(f"the continuous-batching manager stopped with requests {sorted(pending)} unfinished")
+                    raise RuntimeError(
+                        f"the continuous-batching manager stopped with requests {sorted(pending)} unfinished"
+                    )
                 continue
             if output.request_id in pending and output.is_finished():
                 results[output.request_id] = output
