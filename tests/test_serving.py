@@ -159,6 +159,7 @@ def test_generate_batch_gives_each_request_its_adapter(served):
     check_outputs(outputs, requests, models)
     assert handle.serving.in_use() == set()
     handle.unload_adapter("b")
+    assert handle.unpatch() is model and not hasattr(model, "_moe_lora_requests")
 
 
 def wait_for(manager, request_ids) -> dict:
@@ -185,6 +186,8 @@ def test_requests_join_and_leave_while_adapters_load(served):
             requests[handle.add_request(manager, prompt, adapter=adapter, max_new_tokens=new)] = (prompt, adapter, new)
         with pytest.raises(ValueError, match="'b' is used by running requests"):
             handle.unload_adapter("b")  # queued before the manager starts: certainly not finished
+        with pytest.raises(RuntimeError, match="still run or wait"):
+            handle.unpatch()
         with pytest.raises(KeyError, match="'c', which is not loaded"):
             handle.add_request(manager, first[0], adapter="c")
         manager.start()
@@ -218,6 +221,31 @@ def test_more_adapters_than_slots_wait_for_one(served):
         )
     check_outputs(outputs, {f"req_{i}": (p, a, NEW_TOKENS) for i, (p, a) in enumerate(zip(inputs, adapters))}, models)
     assert len(handle.adapter_names) == 1
+
+
+@requires_cuda
+def test_continuous_batching_with_cuda_graphs_on_the_gpu(served):
+    """The GPU path with CUDA graphs on: graphs captured for padded token counts replay with the slots
+    of each new batch (requests join in two waves, adapters swap into two slots), and every
+    request's float32 greedy tokens are PEFT's on that prompt alone."""
+    made, models = served
+    model = sdpa_model().cuda()
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()}, max_loras=2)
+    manager = handle.init_continuous_batching(GREEDY, cb_config(use_cuda_graph=True))
+    assert all(manager.continuous_batching_config.use_cuda_graph)
+    waves = [prompts((5, 9, 3, 7), seed=11), prompts((4, 6, 8), seed=12)]
+    names = [["a", "b", None, "c"], ["c", "a", "b"]]
+    requests, results = {}, {}
+    with torch.no_grad():
+        manager.start()
+        try:
+            for wave, adapters in zip(waves, names):
+                ids = [handle.add_request(manager, p, adapter=a) for p, a in zip(wave, adapters)]
+                requests |= {rid: (p, a, NEW_TOKENS) for rid, p, a in zip(ids, wave, adapters)}
+                results |= wait_for(manager, ids)
+        finally:
+            manager.stop(block=True)
+    check_outputs(results, requests, models)
 
 
 def test_a_manager_that_shares_kv_blocks_is_refused(served):

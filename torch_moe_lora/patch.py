@@ -146,12 +146,15 @@ class MoELoRAModel:
 
         Raises:
             NotImplementedError: the experts were sharded over a process group (their full weights
-                are gone).
+                are gone). RuntimeError: inside an ``adapters()`` block, or while continuous-batching
+                requests added through the handle run or wait.
         """
         if self.sharding is not None:
             raise NotImplementedError("unpatch: the experts are sharded over a process group; reload the model")
         if self._saved_mappings:
             raise RuntimeError("unpatch: called inside an adapters() block; call it after the block")
+        if self.serving is not None:
+            self.serving.detach()
         for config, implementation in self._previous_implementation.values():
             config._experts_implementation = implementation
         for block in self.blocks:

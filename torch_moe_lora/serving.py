@@ -120,6 +120,19 @@ class RequestAdapters:
         with self._lock:
             return self._adapter_of.get(request_id)
 
+    def detach(self) -> None:
+        """Leaves the model to transformers alone (the hook passes it through from now on).
+
+        Raises:
+            RuntimeError: requests added through the handle still run or wait for a slot.
+        """
+        with self._lock:
+            busy = sorted(self._adapter_of) + [w.request_id for w in self._waiting]
+        if busy:
+            raise RuntimeError(f"unpatch: continuous-batching requests {busy} still run or wait; let them finish first")
+        if getattr(self.handle.model, _SERVING_ATTR, None) is self:
+            delattr(self.handle.model, _SERVING_ATTR)
+
     def _attach(self, manager) -> None:
         """Hooks ``manager``'s output router once, so that a request's slot is released before its final
         output reaches the caller."""
