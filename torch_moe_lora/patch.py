@@ -309,7 +309,7 @@ class MoELoRAModel:
             if name in self._store:
                 raise ValueError(f"adapter {name!r} is already loaded (slot {self.slot_of(name)})")
             adapter = self._read(name, source)
-            if not self._store.free_slots() and all(n in self._in_use() for n in self._store.slot_of):
+            if not self._store.free_slots() and set(self._store.slot_of) <= set(self._in_use()):
                 raise ValueError(
                     f"adapter {name!r}: all {self.max_loras} slots are used by adapters in use "
                     f"({self.adapter_names}); unmap or unload one first"

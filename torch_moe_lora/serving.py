@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -100,7 +101,7 @@ class RequestAdapters:
         self._lock = threading.Lock()
         self._adapter_of: dict[str, str | None] = {}
         self._waiting: list[_Waiting] = []
-        self._managers: dict[int, object] = {}
+        self._managers: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._pump: threading.Thread | None = None
@@ -115,10 +116,6 @@ class RequestAdapters:
     def running(self) -> bool:
         """Whether a manager that requests went through is running."""
         return any(manager.is_running() for manager in list(self._managers.values()))
-
-    def adapter_of(self, request_id: str) -> str | None:
-        with self._lock:
-            return self._adapter_of.get(request_id)
 
     def detach(self) -> None:
         """Leaves the model to transformers alone (the hook passes it through from now on).
