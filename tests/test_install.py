@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -216,3 +217,21 @@ def test_readme_install_section(setup_script):
         "libcudart.so",
     ]:
         assert text in section, text
+
+
+def test_sdist_carries_every_source_file(tmp_path):
+    """A source distribution holds every file of ``csrc/`` (headers and CUDA sources too), so that it
+    builds where it is unpacked."""
+    tree = tmp_path / "tree"
+    junk = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".*")
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*junk))
+    env = {**os.environ, "TORCH_MOE_LORA_CPU_ONLY": "1"}
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree, env=env,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    names = {Path(name).relative_to(Path(name).parts[0]).as_posix() for name in tarfile.open(archive).getnames()}
+    expected = {f"csrc/{f.name}" for f in (ROOT / "csrc").iterdir()}
+    assert expected <= names, sorted(expected - names)
