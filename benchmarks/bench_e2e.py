@@ -1,134 +1,528 @@
-"""End-to-end decode throughput of a patched model against the unpatched model and PEFT (GPU).
+"""End-to-end throughput of full-size MoE models serving many LoRA adapters (GPU; ``--tiny`` runs anywhere).
 
-The model has Qwen3-30B-A3B's layer shapes (hidden 2048, 128 experts of 768, top-8, 32/4 heads)
-with fewer layers and random weights. Adapters (rank 16 on the experts' gate_up/down and the
-attention projections) are made with PEFT and saved; ``patch_model`` serves 1, 4 or 16 of them in
-one batch, each row on its own adapter. PEFT serves one adapter per batch (every row on it). Writes
-``<out>/<gpu>/e2e_qwen3_30b_a3b_layers.json``; ``plot.py`` draws it.
+Models with random bf16 weights are built on the device at the shapes of Qwen3-30B-A3B (48 layers,
+128 experts of 768, top-8; ``sdpa``) and GPT-OSS-20B (24 layers, 32 experts of 2880, top-4, sliding
+and full attention; eager, as transformers has no ``sdpa`` path for its sinks). Adapters of rank
+``--rank`` on the experts (PEFT ``target_parameters``) and on q/k/v/o are random ``(state_dict,
+config)`` pairs made on the device one at a time, keyed as PEFT saves them (``adapter_layout``).
 
-    python benchmarks/bench_e2e.py --layers 4 --batch 16 --new-tokens 64 --out benchmarks/results
+Rows of ``--grid full``; ``--grid minimal`` (the default) runs the starred ones, in this order:
+* part ``static``: static batches (``generate``; compiled: a static cache, with which transformers
+  compiles the decode step) at each of ``--batches``: the unpatched model eager and compiled;
+  patched (16 slots) with no mapping* and 1 and 16* adapters round-robin over the rows, compiled,
+  and eager at ``--batch``; part ``slots32``: 32 adapters in 32 slots*, the same way;
+* part ``serving``: continuous batching (transformers' own, CUDA graphs) of ``--requests`` requests
+  of mixed prompt (16-256) and output (16-128) lengths on the patched model: with no adapter*, over
+  16 adapters* and over 64 adapters through 16 slots* (requests wait for slots); the same requests
+  as compiled static batches of ``--batch``; the swap-in* of a registered host-only adapter;
+* part ``rank64``: as many adapters of rank 64 as fit (up to 16), compiled, at ``--batch``.
+GPT-OSS-20B runs the same; in the minimal grid only part ``static``.
+
+Each row is printed when measured, and ``<out>/<gpu>/e2e.json`` and ``e2e_table.txt`` (rows and the
+ratios the performance targets name) are rewritten after it. ``--parts`` with ``--merge`` splits a
+grid over several runs, each keeping the rows of the folder's ``e2e.json`` that it does not measure
+again. ``plot.py`` draws ``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows
+skipped without CUDA (``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
+
+    python benchmarks/bench_e2e.py --out benchmarks/results
+    python benchmarks/bench_e2e.py --models qwen3_30b_a3b --parts serving --merge --out benchmarks/results
+    python benchmarks/bench_e2e.py --tiny --grid full --out /tmp/e2e
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
+import gc
 import json
+import math
+import random
+import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+import transformers
+from common import results_dir
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, GptOssConfig, Qwen3MoeConfig
+from transformers.generation.configuration_utils import CompileConfig, ContinuousBatchingConfig
 
 from torch_moe_lora import patch_model
 
-from common import SHAPES, results_dir
+PEFT_PREFIX = "base_model.model."
+LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MODELS = {
+    "qwen3_30b_a3b": (Qwen3MoeConfig, "sdpa", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, max_position_embeddings=4096,
+    ), dict(TINY, head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    "gpt_oss_20b": (GptOssConfig, "eager", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+    ), dict(TINY, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+}  # fmt: skip
+"""Config class, attention implementation, full-size and tiny shapes of each model."""
+SIZES = {
+    False: dict(batch=64, batches=[1, 16, 64, 256], prompt=64, new_tokens=32, requests=256, repeats=3,
+                request_prompt=(16, 256), request_new_tokens=(16, 128), page=64, batch_tokens=256),
+    True: dict(batch=4, batches=[1, 4], prompt=8, new_tokens=4, requests=8, repeats=1,
+               request_prompt=(4, 24), request_new_tokens=(2, 8), page=16, batch_tokens=64),
+}  # fmt: skip
+"""Default sizes, full-size and ``--tiny`` (``page``, ``batch_tokens``: the continuous-batching cache)."""
+PARTS = ["static", "slots32", "serving", "rank64"]
+CUDA = torch.cuda.is_available()
+ROW_KEY = ("model", "setup", "batch", "requests", "adapters", "slots", "rank")
+"""The fields that tell rows apart (a merged run replaces the rows it measures again)."""
 
 
-def qwen3_30b_layers(num_layers: int) -> Qwen3MoeConfig:
-    hidden, inter, num_experts, top_k = SHAPES["qwen3_30b_a3b"]
-    return Qwen3MoeConfig(
-        vocab_size=151936, hidden_size=hidden, intermediate_size=6144, moe_intermediate_size=inter,
-        num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, max_position_embeddings=4096,
-    )  # fmt: skip
+class Request(NamedTuple):
+    """One request of the continuous-batching workload."""
+
+    prompt: list[int]
+    new_tokens: int
+    adapter: str | None
 
 
-def make_adapters(model, count: int, root: Path, rank: int) -> dict[str, str]:
-    """``count`` PEFT adapters with random non-zero weights, saved under ``root``."""
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-    )  # fmt: skip
-    peft_model = get_peft_model(model, config)
-    paths = {}
-    for i in range(count):
-        torch.manual_seed(1000 + i)
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.data.normal_(0, 0.02)
-        path = root / f"adapter{i}"
-        peft_model.save_pretrained(str(path))
-        paths[f"adapter{i}"] = str(path)
-    peft_model.unload()
-    return paths
-
-
-def tokens_per_second(model, ids, new_tokens: int, repeats: int = 2, compiled: bool = False) -> float:
-    """Generated tokens per second over ``repeats`` greedy generations after a warm-up one.
-
-    ``compiled``: a static KV cache, with which transformers compiles the decode step
-    (``torch.compile``, CUDA graphs) on its own.
-    """
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if compiled:
-        kwargs["cache_implementation"] = "static"
+def build_model(name: str, layers: int | None, tiny: bool, device: str, dtype: torch.dtype) -> nn.Module:
+    """Model ``name`` (``layers`` layers, or all) with random weights, made on ``device`` in ``dtype``
+    directly (no host copy), the experts redrawn from N(0, 0.02) so that routing spreads over them."""
+    config_class, attention, full, tiny_sizes = MODELS[name]
+    sizes = {**full, **tiny_sizes} if tiny else dict(full)
+    sizes["num_hidden_layers"] = layers = layers or sizes["num_hidden_layers"]
+    if "sliding_window" in sizes:
+        sizes["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config_class(**sizes), attn_implementation=attention, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():
-        model.generate(ids, **kwargs)
+        for module in model.modules():
+            for weight in (getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)):
+                if isinstance(weight, nn.Parameter) and weight.dim() == 3:
+                    weight.normal_(0, 0.02)
+    return model.eval()
+
+
+def lora_config(rank: int) -> dict:
+    targets = dict(target_modules=LINEAR_TARGETS, target_parameters=EXPERT_TARGETS)
+    return dict(peft_type="LORA", r=rank, lora_alpha=2 * rank, **targets)
+
+
+def adapter_layout(model: nn.Module, rank: int) -> dict[str, tuple[int, int]]:
+    """The keys and shapes of PEFT's state dict (``get_peft_model_state_dict``) of a rank-``rank`` LoRA
+    on ``LINEAR_TARGETS`` and ``EXPERT_TARGETS`` of the unpatched ``model``, without a PEFT model.
+
+    A linear gets ``lora_A [r, in]`` and ``lora_B [out, r]``. A 3-D parameter ``[E, d1, d2]`` gets
+    ``lora_A [E*r, in]`` and ``lora_B [out, r*E]``, ``in, out = d1, d2`` where the experts module says
+    ``is_transposed``, else ``d2, d1``; several of one module nest PEFT's wrappers, the first in the
+    module's parameter order innermost (``experts.base_layer``), the last at ``experts``.
+    """
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in LINEAR_TARGETS:
+            layout[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (rank, module.in_features)
+            layout[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (module.out_features, rank)
+        targeted = [
+            param for param_name, param in module.named_parameters(recurse=False)
+            if param.dim() == 3 and any(f"{name}.{param_name}".endswith(f".{t}") for t in EXPERT_TARGETS)
+        ]  # fmt: skip
+        for depth, param in enumerate(targeted):
+            experts, d1, d2 = param.shape
+            fan_in, fan_out = (d1, d2) if getattr(module, "is_transposed", False) else (d2, d1)
+            key = PEFT_PREFIX + name + ".base_layer" * (len(targeted) - 1 - depth)
+            layout[f"{key}.lora_A.weight"] = (experts * rank, fan_in)
+            layout[f"{key}.lora_B.weight"] = (fan_out, rank * experts)
+    return layout
+
+
+def adapter_bytes(layout: dict, dtype: torch.dtype) -> int:
+    return sum(math.prod(shape) for shape in layout.values()) * torch.finfo(dtype).bits // 8
+
+
+def random_adapter(layout: dict, seed: int, device, dtype, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """A state dict of ``layout`` drawn from N(0, std) on ``device``; the same for the same seed."""
+    generator = torch.Generator(device).manual_seed(seed)
+    draw = functools.partial(torch.randn, generator=generator, device=device, dtype=dtype)
+    return {key: draw(shape).mul_(std) for key, shape in layout.items()}
+
+
+def register(handle, layout: dict, rank: int, indices: range, device, dtype) -> None:
+    """Makes adapters ``lora<i>`` (seed ``i``) of ``layout`` one at a time and registers each (the
+    handle keeps a host copy): into a free slot while there is one, else into host memory only."""
+    start = time.perf_counter()
+    for i in indices:
+        source = (random_adapter(layout, i, device, dtype), lora_config(rank))
+        if len(handle.adapter_names) < handle.max_loras:
+            handle.load_adapter(f"lora{i}", source)
+        else:
+            handle.add_adapter(f"lora{i}", source)
+        del source
+    print(f"registered {len(indices)} adapters of rank {rank} in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def with_adapters(requests: list[Request], count: int, seed: int) -> list[Request]:
+    """``requests``, each on one of ``lora0..lora<count-1>`` drawn at random (fixed seed)."""
+    rng = random.Random(seed + count)
+    return [r._replace(adapter=f"lora{rng.randrange(count)}") for r in requests]
+
+
+def synchronize() -> None:
+    if CUDA:
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model.generate(ids, **kwargs)
-        torch.cuda.synchronize()
-    return repeats * ids.shape[0] * new_tokens / (time.perf_counter() - start)
+
+
+def timed(fn) -> float:
+    """Seconds that ``fn()`` takes, the device synchronized before and after."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def release(model: nn.Module) -> None:
+    """Drops what compiled generation left on ``model`` (compiled call, CUDA graphs, static cache
+    length), so that the next compiled row compiles afresh, and frees cached device memory and the
+    cached pinned host memory (the host copies of the adapters of an unpatched handle)."""
+    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_cache"):
+        model.__dict__.pop(attr, None)
+    torch._dynamo.reset()
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
+
+
+def serve_once(manager, handle, requests: list[Request], tag: str) -> tuple[float, int]:
+    """Adds every request at once; returns the seconds until the last one finished and the tokens generated."""
+    synchronize()
+    start, pending, tokens = time.perf_counter(), set(), 0
+    for i, request in enumerate(requests):
+        request_id = f"{tag}_{i}"
+        handle.add_request(manager, request.prompt, adapter=request.adapter, request_id=request_id,
+                           max_new_tokens=request.new_tokens)  # fmt: skip
+        pending.add(request_id)
+    while pending:
+        output = manager.get_result(timeout=1.0)
+        if output is None:
+            if not manager.is_running():
+                raise RuntimeError(f"the continuous-batching manager stopped with {len(pending)} requests unfinished")
+        elif output.request_id in pending and output.is_finished():
+            if output.error is not None:
+                raise RuntimeError(f"request {output.request_id} failed: {output.error}")
+            pending.discard(output.request_id)
+            tokens += len(output.generated_tokens)
+    synchronize()
+    return time.perf_counter() - start, tokens
+
+
+RATIOS = [
+    ("static batch, 16 adapters / no mapping", "tokens_per_s", dict(kind="static", patched=True, adapters=16),
+     dict(kind="static", patched=True, adapters=0), ">=", 0.93),
+    ("static batch, 32 adapters / no mapping", "tokens_per_s", dict(kind="static", patched=True, adapters=32),
+     dict(kind="static", patched=True, adapters=0), ">=", 0.9),
+    ("continuous batching, 16 adapters / no adapter", "tokens_per_s",
+     dict(kind="continuous", patched=True, adapters=16), dict(kind="continuous", patched=True, adapters=0), ">=", 0.9),
+    ("continuous batching, 16 adapters / static batches of the same requests", "tokens_per_s",
+     dict(kind="continuous", patched=True, adapters=16), dict(kind="static_requests", adapters=16), ">", 1.0),
+    ("first call, patched no mapping / unpatched", "first_call_s", dict(kind="static", patched=True, adapters=0),
+     dict(kind="static", patched=False, adapters=0), "<=", 1.2),
+]  # fmt: skip
+"""The ratios the targets name: (what, row field, numerator row, denominator row, comparison, target).
+Static rows are those at ``--batch``, compiled (eager where there is no CUDA); rows with adapters
+are those of ``--rank``."""
+COLUMNS = [
+    ("model", "model", -14, "s"), ("setup", "setup", -58, "s"), ("batch", "batch", 6, "d"),
+    ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"), ("tokens/s", "tokens_per_s", 11, ".1f"),
+    ("first s", "first_call_s", 9, ".2f"), ("peak GiB", "peak_gib", 9, ".1f"), ("swap ms", "swap_in_ms", 9, ".1f"),
+]  # fmt: skip
+"""Table columns: header, row field, width (negative: left-aligned), format."""
+
+
+def table_line(row: dict | None) -> str:
+    """A row as a table line; the header line for None."""
+    cells = []
+    for header, field, width, spec in COLUMNS:
+        value = header if row is None else row.get(field)
+        if row is not None and field == "swap_in_ms":
+            value = None if row["swap_in_s"] is None else 1e3 * row["swap_in_s"]
+        text = "-" if value is None else format(value, "s" if row is None else spec)
+        cells.append(text.ljust(-width) if width < 0 else text.rjust(width))
+    return "".join(cells)
+
+
+class Bench:
+    """One run: its sizes, its rows (each printed when measured, then ``e2e.json`` and
+    ``e2e_table.txt`` rewritten), and the measurements."""
+
+    def __init__(self, args, sizes: dict, folder: Path, header: dict):
+        self.args, self.sizes, self.folder, self.header, self.rows = args, sizes, folder, header, []
+        previous = folder / "e2e.json"
+        if args.merge and previous.exists():
+            kept = json.loads(previous.read_text())
+            self.rows, header["runs"] = kept["rows"], kept.get("runs", []) + header["runs"]
+        self.title = (
+            f"{header['device']}: torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"grid {args.grid}{', tiny models' if args.tiny else ''}, rank {args.rank}"
+        )
+        print(f"{self.title}\n{table_line(None)}", flush=True)
+
+    def add(self, **row) -> None:
+        """Records a row (replacing a kept one of the same key), prints it and rewrites the files."""
+        defaults = dict(batch=None, requests=None, adapters=0, slots=None, rank=None, compiled=False,
+                        tokens_per_s=None, first_call_s=None, swap_in_s=None)  # fmt: skip
+        row = {**defaults, **row, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None}
+        self.rows = [r for r in self.rows if any(r[k] != row[k] for k in ROW_KEY)] + [row]
+        print(table_line(row), flush=True)
+        self.write()
+
+    def ratios(self) -> tuple[list[dict], list[str]]:
+        """The target ratios of every model with rows: as JSON entries, and as table lines."""
+        entries, lines = [], ["ratios (targets):"]
+        for model_name in dict.fromkeys(r["model"] for r in self.rows):
+            for what, field, top, bottom, comparison, target in RATIOS:
+                values = []
+                for match in (top, bottom):
+                    match = dict(match, model=model_name, **(dict(rank=self.args.rank) if match["adapters"] else {}))
+                    if match["kind"] == "static":
+                        match.update(batch=self.sizes["batch"], compiled=CUDA)
+                    found = [r for r in self.rows if all(r[key] == value for key, value in match.items())]
+                    values.append(found[0][field] if found else None)
+                if None in values:
+                    lines.append(f"  {model_name:<14}{what:<72}   n/a (rows not measured)")
+                    continue
+                ratio = values[0] / values[1]
+                met = {">=": ratio >= target, ">": ratio > target, "<=": ratio <= target}[comparison]
+                entries.append(dict(model=model_name, what=what, ratio=ratio, target=f"{comparison} {target}", met=met))
+                lines.append(f"  {model_name:<14}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
+                             f"{'met' if met else 'missed'})")  # fmt: skip
+        return entries, lines
+
+    def write(self) -> list[str]:
+        """Rewrites ``e2e.json`` and ``e2e_table.txt``; returns the ratio lines."""
+        entries, lines = self.ratios()
+        result = {**self.header, "rows": self.rows, "ratios": entries}
+        (self.folder / "e2e.json").write_text(json.dumps(result, indent=1) + "\n")
+        table = [self.title, table_line(None), *map(table_line, self.rows), *lines]
+        (self.folder / "e2e_table.txt").write_text("\n".join(table) + "\n")
+        return lines
+
+    @staticmethod
+    def generate_kwargs(new_tokens: int, compiled: bool) -> dict:
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        if compiled:
+            kwargs.update(cache_implementation="static", compile_config=CompileConfig(dynamic=False))
+        return kwargs
+
+    def static(self, model_name, model, handle, batch: int, adapters: int, compiled: bool, rank: int | None = None):
+        """A static-batch row: ``batch`` random prompts, ``adapters`` adapters round-robin over the rows
+        (0: no mapping; ``handle`` None: the unpatched model)."""
+        what = "unpatched" if handle is None else f"{adapters} adapters r{rank}" if adapters else "no mapping"
+        setup = f"{'' if handle is None else 'patched, '}{what}, {'compiled' if compiled else 'eager'}"
+        if compiled and not CUDA:
+            print(f"{model_name:<14}{setup:<58}skipped: compiled rows need CUDA", flush=True)
+            return
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        shape, generator = (batch, self.sizes["prompt"]), torch.Generator().manual_seed(batch)
+        ids = torch.randint(1, model.config.vocab_size, shape, generator=generator).to(model.device)
+        kwargs = dict(self.generate_kwargs(self.sizes["new_tokens"], compiled), attention_mask=torch.ones_like(ids))
+        names = [f"lora{i % adapters}" for i in range(batch)] if adapters else None
+        with contextlib.nullcontext() if handle is None else handle.adapters(names):
+            first = timed(lambda: model.generate(ids, **kwargs))
+            seconds = statistics.median(
+                timed(lambda: model.generate(ids, **kwargs)) for _ in range(self.sizes["repeats"])
+            )
+        self.add(model=model_name, setup=setup, kind="static", patched=handle is not None, compiled=compiled,
+                 batch=batch, adapters=adapters, slots=handle.max_loras if handle else None,
+                 rank=rank if adapters else None, tokens_per_s=batch * self.sizes["new_tokens"] / seconds,
+                 first_call_s=first)  # fmt: skip
+
+    def static_requests(self, model_name, model, handle, requests: list[Request], adapters: int, rank: int):
+        """The workload's requests as static batches of ``--batch`` in arrival order, left-padded to the
+        longest prompt, each generating the most new tokens any request asks for (one compiled shape);
+        tokens/s counts the tokens the requests asked for."""
+        batch = self.sizes["batch"]
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        longest = max(len(r.prompt) for r in requests)
+        kwargs = self.generate_kwargs(max(r.new_tokens for r in requests), compiled=CUDA)
+
+        def run(group):
+            rows = group + [group[-1]._replace(adapter=None)] * (batch - len(group))  # pads the last batch
+            ids = torch.tensor([[0] * (longest - len(r.prompt)) + r.prompt for r in rows], device=model.device)
+            with handle.adapters([r.adapter for r in rows]):
+                model.generate(ids, attention_mask=(ids != 0).long(), **kwargs)
+
+        groups = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+        first = timed(lambda: run(groups[0]))
+        seconds = sum(timed(lambda group=group: run(group)) for group in groups)
+        setup = f"same requests as static batches, {adapters} adapters r{rank}, {'compiled' if CUDA else 'eager'}"
+        self.add(model=model_name, setup=setup, kind="static_requests", patched=True, compiled=CUDA, batch=batch,
+                 requests=len(requests), adapters=adapters, slots=handle.max_loras, rank=rank,
+                 tokens_per_s=sum(r.new_tokens for r in requests) / seconds, first_call_s=first)  # fmt: skip
+
+    def cb_config(self, requests: list[Request]) -> ContinuousBatchingConfig:
+        """A paged cache that holds every request at once, CUDA graphs on (where there is CUDA)."""
+        page, longest = self.sizes["page"], max(len(r.prompt) + r.new_tokens for r in requests)
+        fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        return ContinuousBatchingConfig(**{
+            "page_size" if "page_size" in fields else "block_size": page,
+            "num_blocks": len(requests) * (math.ceil(longest / page) + 1),
+            "max_batch_tokens": self.sizes["batch_tokens"], "use_cuda_graph": CUDA, "allow_block_sharing": False,
+        })  # fmt: skip
+
+    def serve(self, model_name, handle, requests: list[Request], adapters: int, rank: int | None = None):
+        """A continuous-batching row: a warm-up pass of the workload (first call: CUDA graph captures),
+        then the timed pass on the same manager."""
+        what = f"{adapters} adapters r{rank}" if adapters else "no adapter"
+        setup = f"continuous batching, {what}" + (
+            f" via {handle.max_loras} slots" if adapters > handle.max_loras else ""
+        )
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        most = max(r.new_tokens for r in requests)
+        generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=most)
+        manager = handle.init_continuous_batching(generation, self.cb_config(requests))
+        manager.start()
+        try:
+            first, _ = serve_once(manager, handle, requests, "warmup")
+            seconds, tokens = serve_once(manager, handle, requests, "timed")
+        finally:
+            manager.stop(block=True)
+        self.add(model=model_name, setup=setup, kind="continuous", patched=True, requests=len(requests),
+                 adapters=adapters, slots=handle.max_loras, rank=rank, tokens_per_s=tokens / seconds,
+                 first_call_s=first)  # fmt: skip
+
+    def swap_in(self, model_name, handle, layout: dict, rank: int, dtype: torch.dtype, samples: int = 5) -> None:
+        """The median time of ``set_adapters([name])`` for registered adapters without a slot (their host
+        copies written into the least recently used slot; the device synchronized around it)."""
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        host_only = [name for name in handle.registered_adapters if handle.slot_of(name) is None][:samples]
+        seconds = statistics.median(timed(lambda name=name: handle.set_adapters([name])) for name in host_only)
+        handle.set_adapters(None)
+        setup = f"swap-in of one adapter r{rank} ({adapter_bytes(layout, dtype) / 2**30:.2f} GiB)"
+        self.add(model=model_name, setup=setup, kind="swap", patched=True, adapters=len(handle.registered_adapters),
+                 slots=handle.max_loras, rank=rank, swap_in_s=seconds)  # fmt: skip
+
+
+def run_model(bench: Bench, model_name: str) -> None:
+    """The rows of ``model_name`` that the grid and ``--parts`` ask for."""
+    args, sizes, rank = bench.args, bench.sizes, bench.args.rank
+    full = args.grid == "full"
+    parts = [p for p in args.parts if full or p == "static" or (p != "rank64" and model_name == "qwen3_30b_a3b")]
+    if not parts:
+        return
+    device, dtype = ("cuda" if CUDA else "cpu"), (torch.float32 if args.tiny else torch.bfloat16)
+    start = time.perf_counter()
+    model = build_model(model_name, args.layers, args.tiny, device, dtype)
+    print(f"{model_name}: built {model.config.num_hidden_layers} layers in {time.perf_counter() - start:.1f} s")
+    layout = adapter_layout(model, rank)
+    rng = random.Random(args.seed)
+    (p_lo, p_hi), (n_lo, n_hi) = sizes["request_prompt"], sizes["request_new_tokens"]
+    vocab = model.config.vocab_size
+    requests = [
+        Request([rng.randrange(1, vocab) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(n_lo, n_hi), None)
+        for _ in range(sizes["requests"])
+    ]
+    batches = sizes["batches"] if full else [sizes["batch"]]
+    handle = None
+
+    def unpatch():
+        nonlocal handle
+        if handle is not None:
+            handle.unpatch()
+        handle = None
+        release(model)
+
+    def repatch(count: int, slots: int, adapter_rank: int = rank):
+        unpatch()
+        patched = patch_model(model, {}, max_loras=slots, max_rank=adapter_rank)
+        register(patched, adapter_layout(model, adapter_rank), adapter_rank, range(count), device, dtype)
+        return patched
+
+    def static_rows(counts):
+        for batch in batches:
+            for count in counts:
+                if full and batch == sizes["batch"]:
+                    bench.static(model_name, model, handle, batch, count, compiled=False, rank=rank)
+                bench.static(model_name, model, handle, batch, count, compiled=True, rank=rank)
+
+    if full and "static" in parts:
+        for batch in batches:
+            bench.static(model_name, model, None, batch, 0, compiled=False)
+            bench.static(model_name, model, None, batch, 0, compiled=True)
+    if "static" in parts:
+        handle = repatch(16, 16)
+        static_rows((0, 1, 16) if full else (0, 16))
+    if "slots32" in parts:
+        handle = repatch(32, 32)
+        static_rows((32,))
+    if "serving" in parts:
+        handle = repatch(16, 16)
+        spread16 = with_adapters(requests, 16, args.seed)
+        bench.serve(model_name, handle, requests, 0)
+        bench.serve(model_name, handle, spread16, 16, rank)
+        if full:
+            bench.static_requests(model_name, model, handle, spread16, 16, rank)
+        register(handle, layout, rank, range(16, 64), device, dtype)
+        bench.serve(model_name, handle, with_adapters(requests, 64, args.seed), 64, rank)
+        bench.swap_in(model_name, handle, layout, rank, dtype)
+    if "rank64" in parts:
+        unpatch()
+        free = torch.cuda.mem_get_info()[0] - 24 * 2**30 if CUDA else math.inf  # 24 GiB: activations, graphs
+        per_slot = adapter_bytes(adapter_layout(model, 64), dtype)
+        slots = max([n for n in (16, 8, 4, 2, 1) if n * per_slot <= free] or [1])
+        handle = repatch(slots, slots, 64)
+        bench.static(model_name, model, handle, sizes["batch"], slots, compiled=CUDA, rank=64)
+    unpatch()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--grid", choices=["minimal", "full"], default="minimal")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="parts of the grid to run (all)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of <out>/<gpu>/e2e.json not measured again")
+    parser.add_argument("--layers", type=int, help="layers of each model (default: all)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, help="batch of the minimal grid, the eager rows and the ratios (64)")
+    parser.add_argument("--batches", type=int, nargs="+", help="static batches of the full grid (1 16 64 256)")
+    parser.add_argument("--prompt", type=int, help="prompt tokens of the static batches (64)")
+    parser.add_argument("--new-tokens", type=int, help="new tokens of the static batches (32)")
+    parser.add_argument("--requests", type=int, help="requests of the continuous-batching workload (256)")
+    parser.add_argument("--repeats", type=int, help="timed generations per static row, after the first (3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny models, float32, small sizes: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--adapter-dir", type=Path, default=Path("/tmp/moe_lora_e2e_adapters"))
-    parser.add_argument("--compiled", action="store_true", help="also time the unpatched and patched models compiled")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    dtype = torch.bfloat16
-    model = Qwen3MoeForCausalLM(qwen3_30b_layers(args.layers)).to("cuda", dtype).eval()
-    for module in model.modules():
-        if hasattr(module, "gate_up_proj"):
-            module.gate_up_proj.data.normal_(0, 0.02)
-            module.down_proj.data.normal_(0, 0.02)
-    adapters = make_adapters(model, 16, args.adapter_dir, args.rank)
-    ids = torch.randint(0, 151936, (args.batch, args.prompt), device="cuda")
-    rows = []
-
-    def record(name, tps):
-        rows.append(dict(setup=name, tokens_per_s=tps))
-        print(f"{name:<44}{tps:>12.1f} tokens/s", flush=True)
-
-    device = torch.cuda.get_device_name()
-    print(f"{device}: {args.layers} layers of Qwen3-30B-A3B shapes, batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, rank {args.rank}", flush=True)  # fmt: skip
-    record("unpatched, no LoRA (transformers default)", tokens_per_second(model, ids, args.new_tokens))
-
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, adapters["adapter0"]).eval()
-    record("transformers + PEFT, 1 adapter for the batch", tokens_per_second(peft_model, ids, args.new_tokens))
-    model = peft_model.unload()
-
-    handle = patch_model(model, adapters, max_loras=16, max_rank=args.rank)
-    for in_batch in (1, 4, 16):
-        names = [f"adapter{i % in_batch}" for i in range(args.batch)]
-        with handle.adapters(names):
-            record(f"patched, {in_batch} adapters in the batch", tokens_per_second(model, ids, args.new_tokens))
-    with handle.adapters([None] * args.batch):
-        record("patched, no adapter", tokens_per_second(model, ids, args.new_tokens))
-    if args.compiled:
-        for in_batch in (1, 16):
-            names = [f"adapter{i % in_batch}" for i in range(args.batch)]
-            with handle.adapters(names):
-                tps = tokens_per_second(model, ids, args.new_tokens, compiled=True)
-            record(f"patched + compiled, {in_batch} adapters in the batch", tps)
-        handle.unpatch()
-        record("unpatched + compiled, no LoRA", tokens_per_second(model, ids, args.new_tokens, compiled=True))
-    setup = {key: value for key, value in vars(args).items() if key not in ("out", "adapter_dir")}
-    result = dict(device=device, args=setup, rows=rows)
-    (results_dir(args.out, device) / "e2e_qwen3_30b_a3b_layers.json").write_text(json.dumps(result, indent=1) + "\n")
+    sizes = dict(SIZES[args.tiny])
+    sizes.update({key: value for key in sizes if (value := getattr(args, key, None)) is not None})
+    if args.grid == "full":
+        sizes["batches"] = sorted({*sizes["batches"], sizes["batch"]})
+    torch._dynamo.config.recompile_limit = 64  # each batch and mapping kind compiles once per handle
+    device_name = torch.cuda.get_device_name() if CUDA else "cpu"
+    run = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key != "out"}
+    header = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__)
+    bench = Bench(args, sizes, results_dir(args.out, device_name), dict(header, sizes=sizes, runs=[run]))
+    for model_name in args.models:
+        run_model(bench, model_name)
+        gc.collect()  # the model and its handle hold each other (hooks): free both before the next model
+        if CUDA:
+            torch.cuda.empty_cache()
+    print("\n".join(bench.write()), flush=True)
 
 
 if __name__ == "__main__":

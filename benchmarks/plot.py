@@ -8,7 +8,10 @@ a benchmark wrote gets a PNG of the same name beside it:
 * ``parallel.json`` (``bench_parallel.py``): each split's speed-up over one GPU, per token count;
 * ``lora_linear.json`` (``bench_lora_linear.py``): the LoRA time (with it minus without) of
   ``add_lora_linear`` and of the all-slots formulation, and the LoRA roofline, per batch;
-* ``e2e_*.json`` (``bench_e2e.py``): generated tokens per second of each setup.
+* ``e2e.json`` (``bench_e2e.py``): generated tokens per second of each setup, a panel per model,
+  the bars grouped by static batch size and by continuous-batching workload;
+* ``e2e_*.json`` (the older ``bench_e2e.py`` of a few Qwen3-30B-A3B layers): tokens per second of
+  each setup.
 
     python benchmarks/plot.py [benchmarks/results/<gpu> ...]
 """
@@ -95,6 +98,36 @@ def plot_lora_linear(result: dict):
 
 
 def plot_e2e(result: dict):
+    rows = [r for r in result["rows"] if r["tokens_per_s"]]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 1, figsize=(13, 5 * len(models)), squeeze=False)
+    palette = plt.get_cmap("tab20")
+    colors = {setup: palette(i % 20) for i, setup in enumerate(dict.fromkeys(r["setup"] for r in rows))}
+    for ax, model in zip(axes[:, 0], models):
+        groups = {}
+        for r in rows:
+            if r["model"] == model:
+                groups.setdefault(f"{r['requests']} requests" if r["requests"] else f"batch {r['batch']}", []).append(r)
+        width = 0.8 / max(len(group) for group in groups.values())
+        for j, group in enumerate(groups.values()):
+            for k, r in enumerate(group):
+                ax.bar(j + (k - (len(group) - 1) / 2) * width, r["tokens_per_s"], width, color=colors[r["setup"]],
+                       label=r["setup"])  # fmt: skip
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=2, loc="upper left")
+        ax.set_xticks(range(len(groups)), list(groups))
+        ax.set_yscale("log")
+        lowest = min(r["tokens_per_s"] for group in groups.values() for r in group)
+        ax.set_ylim(lowest / 2, 30 * ax.get_ylim()[1])  # room for the legend above the bars
+        ax.set_ylabel("generated tokens per second")
+        swaps = [f"{1e3 * r['swap_in_s']:.1f} ms" for r in result["rows"] if r["model"] == model and r["swap_in_s"]]
+        ax.set_title(f"{result['device']}: {model}" + (f" (swap-in of one adapter: {swaps[0]})" if swaps else ""))
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_e2e_layers(result: dict):
     rows = result["rows"]
     setup = result["args"]
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.8))
@@ -112,7 +145,8 @@ PLOTS = {
     "fused_experts*.json": plot_fused_experts,
     "parallel.json": plot_parallel,
     "lora_linear.json": plot_lora_linear,
-    "e2e_*.json": plot_e2e,
+    "e2e.json": plot_e2e,
+    "e2e_*.json": plot_e2e_layers,
 }
 """The results each plot draws, by file-name pattern."""
 

@@ -1,0 +1,123 @@
+"""benchmarks/bench_e2e.py: its tiny grid runs every row the GPU grid runs (on the CPU, less the
+compiled ones), and the adapters it makes without PEFT are PEFT's (keys, shapes, logits)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from utils import assert_rows_match
+
+from torch_moe_lora import patch_model
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MODELS = ["qwen3_30b_a3b", "gpt_oss_20b"]
+RANK = 16
+# Every row of `--tiny --grid full` on a machine without CUDA: (setup, batch), per model.
+CPU_ROWS = [
+    ("unpatched, eager", 1), ("unpatched, eager", 4),
+    ("patched, no mapping, eager", 4), ("patched, 1 adapters r16, eager", 4), ("patched, 16 adapters r16, eager", 4),
+    ("patched, 32 adapters r16, eager", 4),
+    ("continuous batching, no adapter", None), ("continuous batching, 16 adapters r16", None),
+    ("same requests as static batches, 16 adapters r16, eager", 4),
+    ("continuous batching, 64 adapters r16 via 16 slots", None), ("swap-in of one adapter r16 (0.00 GiB)", None),
+    ("patched, 16 adapters r64, eager", 4),
+]  # fmt: skip
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """Runs ``benchmarks/bench_e2e.py args`` on the CPU; asserts it succeeded and returns what it printed."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, whatever the machine
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_e2e.py"), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark script as a module (it imports ``common`` from its own folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_e2e", BENCHMARKS / "bench_e2e.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_tiny_full_grid_measures_every_row(tmp_path, bench):
+    run_bench("--tiny", "--grid", "full", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu" / "e2e.json").read_text())
+    assert result["device"] == "cpu" and len(result["runs"]) == 1
+    measured = [(r["model"], r["setup"], r["batch"]) for r in result["rows"]]
+    assert measured == [(model, setup, batch) for model in MODELS for setup, batch in CPU_ROWS]
+    for row in result["rows"]:
+        assert (row["swap_in_s"] if row["kind"] == "swap" else row["tokens_per_s"]) > 0, row
+        assert row["kind"] == "swap" or row["first_call_s"] > 0, row
+    # Without CUDA the static ratios read the eager rows: every target ratio of both models is there.
+    assert [(r["model"], r["what"]) for r in result["ratios"]] == [(m, r[0]) for m in MODELS for r in bench.RATIOS]
+    table = (tmp_path / "cpu" / "e2e_table.txt").read_text().splitlines()
+    assert table[1].startswith("model") and len(table) == 2 + len(result["rows"]) + 1 + len(result["ratios"])
+
+
+def fake_row(model: str, setup: str, kind: str, adapters: int) -> dict:
+    return dict(model=model, setup=setup, kind=kind, patched=True, compiled=False, batch=None, requests=8,
+                adapters=adapters, slots=16, rank=RANK if adapters else None, tokens_per_s=-1.0, first_call_s=1.0,
+                swap_in_s=None, peak_gib=None)  # fmt: skip
+
+
+def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
+    """The default grid on the CPU: the compiled rows skipped, the serving rows of Qwen3 measured; with
+    ``--merge`` a row of an earlier run it does not measure stays, one it measures again is replaced."""
+    kept = fake_row("gpt_oss_20b", "continuous batching, 16 adapters r16", "continuous", 16)
+    replaced = fake_row("qwen3_30b_a3b", "continuous batching, no adapter", "continuous", 0)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "e2e.json").write_text(json.dumps(dict(runs=[{}], rows=[kept, replaced])))
+    done = run_bench("--tiny", "--merge", "--out", str(tmp_path))
+    skipped = [line.split("  ")[0] for line in done.stdout.splitlines() if "skipped: compiled rows need CUDA" in line]
+    assert len(skipped) == 5, skipped  # Qwen3: no mapping, 16 and 32 adapters; GPT-OSS: no mapping, 16 adapters
+    result = json.loads((tmp_path / "cpu" / "e2e.json").read_text())
+    assert len(result["runs"]) == 2 and result["rows"][0] == kept
+    assert [r["setup"] for r in result["rows"][1:]] == [
+        "continuous batching, no adapter", "continuous batching, 16 adapters r16",
+        "continuous batching, 64 adapters r16 via 16 slots", "swap-in of one adapter r16 (0.00 GiB)",
+    ]  # fmt: skip
+    assert all(r["model"] == "qwen3_30b_a3b" and (r["tokens_per_s"] or r["swap_in_s"]) > 0 for r in result["rows"][1:])
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_generated_adapters_are_pefts(bench, model_name):
+    """``adapter_layout`` is PEFT's state dict layout, and PEFT and the patched model give the same
+    logits on an adapter made from it (the adapter changing them by far more than they differ)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    model = bench.build_model(model_name, None, True, "cpu", torch.float32)
+    layout = bench.adapter_layout(model, RANK)
+    config = bench.lora_config(RANK)
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
+    )
+    assert {key: tuple(value.shape) for key, value in get_peft_model_state_dict(peft_model).items()} == layout
+    assert any(key.endswith("experts.base_layer.lora_A.weight") for key in layout)  # the expert LoRAs are in it
+    state = bench.random_adapter(layout, 7, "cpu", torch.float32, std=0.1)
+    assert not set_peft_model_state_dict(peft_model, state).unexpected_keys
+    ids = torch.randint(1, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, base = peft_model(input_ids=ids).logits, model(input_ids=ids).logits
+        handle = patch_model(model, {"generated": (state, config)})
+        with handle.adapters(["generated"] * 3):
+            got = model(input_ids=ids).logits
+    assert_rows_match(got, want, ["generated"] * 3, f"{model_name}: patched against PEFT")
+    assert (want - base).abs().max() > 100 * (got - want).abs().max()
