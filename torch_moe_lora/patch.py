@@ -22,7 +22,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import serving
-from .adapters import AdapterLoRA, check_adapter_name, read_adapter
+from .adapters import AdapterLoRA, BlockLoRA, check_adapter_name, read_adapter
 from .linear import MultiLoRALinear, SlotMapping
 from .lora import ExpertLoRASlots, check_device_memory
 from .models import MoEBlock, find_moe_blocks, whole_block_forward
@@ -46,7 +46,7 @@ class MoELoRAModel:
     """Handle of a patched model: registers, maps and unloads adapters while the model runs.
 
     Slots: the tables hold ``max_loras`` adapters at a time, but any number can be registered. Every
-    registered adapter is kept in host memory (pinned where CUDA is available); mapping one that has
+    registered adapter is kept in host memory (pinned for tables on a GPU); mapping one that has
     no slot (``set_adapters``, ``adapters``, a continuous-batching request) writes it into a free
     slot, or into the slot of the least recently used adapter that no mapping, enclosing
     ``adapters()`` block or running request uses (that one stays registered). Tables are written in
@@ -218,7 +218,7 @@ class MoELoRAModel:
             self._wrap_linear(linear)
         linear_dtype = {n: self.model.get_submodule(n).weight.dtype for n in adapter.linears}
         block_dtype = {n: t.weights.gate_up_a.dtype for n, t in self._tables.items()}
-        self._store.add(name, host_copy(adapter, linear_dtype, block_dtype))
+        self._store.add(name, host_copy(adapter, linear_dtype, block_dtype, pin=self.device.type == "cuda"))
 
     def _write(self, slot: int, adapter: AdapterLoRA) -> None:
         for name, (_, linear) in self._linears.items():
@@ -235,7 +235,7 @@ class MoELoRAModel:
             device = table.weights.gate_up_a.device
             pairs = {
                 role: tuple(t.to(device, non_blocking=True) for t in pair)
-                for role, pair in (("gate_up", lora.gate_up), ("gate", lora.gate), ("up", lora.up), ("down", lora.down))
+                for role, pair in zip(BlockLoRA._fields[:4], lora[:4])
                 if pair is not None
             }
             table.set_slot(slot, **pairs, gate_up_scale=lora.gate_up_scale, down_scale=lora.down_scale)

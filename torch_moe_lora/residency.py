@@ -1,7 +1,7 @@
 """Which adapters are registered, which occupy a slot, and which slot to give up next.
 
 A patched model has ``L`` slots per table but may serve more adapters: every registered adapter is
-kept in host memory (pinned where CUDA is available, so a swap-in is a plain host-to-device copy),
+kept in host memory (pinned where the tables are on a CUDA device, so a swap-in is a plain host-to-device copy),
 and an adapter takes a slot when a mapping or a request names it. A slot whose adapter nothing uses
 is given up least recently used first. This module only keeps the books; ``patch.MoELoRAModel``
 writes the tables and says what is in use.
@@ -17,11 +17,11 @@ from .adapters import AdapterLoRA, BlockLoRA, LinearLoRA
 
 
 def host_copy(
-    adapter: AdapterLoRA, linear_dtype: dict[str, torch.dtype], block_dtype: dict[str, torch.dtype]
+    adapter: AdapterLoRA, linear_dtype: dict[str, torch.dtype], block_dtype: dict[str, torch.dtype], pin: bool
 ) -> AdapterLoRA:
-    """``adapter`` with every matrix in the dtype of the table it goes into, in pinned host memory
-    where CUDA is available (so writing it into a slot copies without a staging buffer)."""
-    pin = torch.cuda.is_available()
+    """``adapter`` with every matrix in the dtype of the table it goes into, in host memory, pinned
+    with ``pin`` (for tables on a CUDA device: writing it into a slot then copies without a staging
+    buffer)."""
 
     def host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         t = t.to("cpu", dtype).contiguous()
