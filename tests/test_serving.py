@@ -162,10 +162,11 @@ def test_generate_batch_gives_each_request_its_adapter(served):
     assert handle.unpatch() is model and not hasattr(model, "_moe_lora_requests")
 
 
-def wait_for(manager, request_ids) -> dict:
+def wait_for(manager, request_ids, timeout: float = 5.0) -> dict:
+    """The finished outputs of ``request_ids``, waiting at most ``timeout`` seconds for each output."""
     results = {}
     while len(results) < len(request_ids):
-        output = manager.get_result(timeout=5.0)
+        output = manager.get_result(timeout=timeout)
         assert output is not None, f"no result for {set(request_ids) - set(results)}"
         if output.is_finished():
             results[output.request_id] = output
@@ -242,7 +243,8 @@ def test_continuous_batching_with_cuda_graphs_on_the_gpu(served):
             for wave, adapters in zip(waves, names):
                 ids = [handle.add_request(manager, p, adapter=a) for p, a in zip(wave, adapters)]
                 requests |= {rid: (p, a, NEW_TOKENS) for rid, p, a in zip(ids, wave, adapters)}
-                results |= wait_for(manager, ids)
+                # The first batches of each size compile the kernels and capture graphs: seconds each.
+                results |= wait_for(manager, ids, timeout=120.0)
         finally:
             manager.stop(block=True)
     check_outputs(results, requests, models)
