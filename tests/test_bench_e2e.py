@@ -32,29 +32,38 @@ CPU_ROWS = [
 ]  # fmt: skip
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    """Runs ``benchmarks/bench_e2e.py args`` on the CPU; asserts it succeeded and returns what it printed."""
+def run_bench(*args: str, script: str = "bench_e2e.py") -> subprocess.CompletedProcess:
+    """Runs ``benchmarks/<script> args`` on the CPU; asserts it succeeded and returns what it printed."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, whatever the machine
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_e2e.py"), *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300
     )
     print(done.stdout, done.stderr[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-@pytest.fixture(scope="module")
-def bench():
-    """The benchmark script as a module (it imports ``common`` from its own folder)."""
+def load(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks import their own folder's modules)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("bench_e2e", BENCHMARKS / "bench_e2e.py")
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load("bench_e2e")
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    return load("full_size")
 
 
 def test_tiny_full_grid_measures_every_row(tmp_path, bench):
@@ -98,20 +107,20 @@ def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_generated_adapters_are_pefts(bench, model_name):
+def test_generated_adapters_are_pefts(full_size, model_name):
     """``adapter_layout`` is PEFT's state dict layout, and PEFT and the patched model give the same
     logits on an adapter made from it (the adapter changing them by far more than they differ)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    model = bench.build_model(model_name, None, True, "cpu", torch.float32)
-    layout = bench.adapter_layout(model, RANK)
-    config = bench.lora_config(RANK)
+    model = full_size.build_model(model_name, None, True, "cpu", torch.float32)
+    layout = full_size.adapter_layout(model, RANK)
+    config = full_size.lora_config(RANK)
     peft_model = get_peft_model(
         copy.deepcopy(model), LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
     )
     assert {key: tuple(value.shape) for key, value in get_peft_model_state_dict(peft_model).items()} == layout
     assert any(key.endswith("experts.base_layer.lora_A.weight") for key in layout)  # the expert LoRAs are in it
-    state = bench.random_adapter(layout, 7, "cpu", torch.float32, std=0.1)
+    state = full_size.random_adapter(layout, 7, "cpu", torch.float32, std=0.1)
     assert not set_peft_model_state_dict(peft_model, state).unexpected_keys
     ids = torch.randint(1, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -121,3 +130,20 @@ def test_generated_adapters_are_pefts(bench, model_name):
             got = model(input_ids=ids).logits
     assert_rows_match(got, want, ["generated"] * 3, f"{model_name}: patched against PEFT")
     assert (want - base).abs().max() > 100 * (got - want).abs().max()
+
+
+def test_profile_splits_the_mapping_between_experts_and_linears(tmp_path):
+    """``benchmarks/profile_e2e.py --tiny``: every variant is timed and profiled, and each variant
+    with a mapping changes the logits (its LoRA runs) while the variant without one does not."""
+    run_bench("--tiny", "--out", str(tmp_path), script="profile_e2e.py")
+    result = json.loads((tmp_path / "cpu" / "profile_e2e.json").read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert [(r["variant"], r["mode"]) for r in result["rows"]] == [
+        (v, "eager") for v in ("none", "both", "experts", "linears")
+    ]
+    assert all(r["step_ms"] > 0 and r["issue_ms"] > 0 and r["wall_ms"] > 0 and r["top"] for r in rows.values())
+    assert rows["none"]["delta"] == 0
+    assert min(rows[v]["delta"] for v in ("both", "experts", "linears")) > 1e-4
+    ops = {variant: {t["name"] for t in row["top"]} for variant, row in rows.items()}
+    assert "moe_lora::add_lora_linear" in ops["both"] and "moe_lora::add_lora_linear" in ops["linears"]
+    assert "moe_lora::add_lora_linear" not in ops["experts"] | ops["none"]

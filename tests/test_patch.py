@@ -192,6 +192,7 @@ def test_compiled_reduce_overhead_on_gpu(peft_adapters):
     print(f"{family} reduce-overhead: {dict(counters['stats'])}")
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+    assert not counters["inductor"]["cudagraph_skips"]  # the graph runs as a CUDA graph, not as plain launches
     torch._dynamo.reset()
 
 
