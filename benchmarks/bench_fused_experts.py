@@ -6,7 +6,10 @@ plus a per-adapter LoRA loop, what transformers + PEFT-style code runs today, ea
 (touched expert and LoRA weight bytes plus activations over the measured read bandwidth of a kernel
 that streams a buffer well over L2, FLOPs over the measured bf16 matmul rate; the larger of the
 two), our % of roofline, the LoRA overhead and the share of LoRA in the roofline's bytes/FLOPs;
-then, per shape and token count, the cells that miss the performance targets
+at T >= 1024 also the base experts through ``torch._grouped_mm`` (``grouped_mm_base``: the two
+grouped GEMMs and the activation between them on rows already sorted by expert, CUDA graph; the
+sort, the row gather, the top-k weighting and sum are not timed) against ours without LoRA (which
+times all of them); then, per shape and token count, the cells that miss the performance targets
 (``performance_targets.py``). Writes ``<out>/<gpu>/fused_experts.json`` (``fused_experts_<shapes>.json``
 for a subset of the shapes); ``plot.py`` draws it.
 
@@ -68,6 +71,27 @@ def torch_baseline(x, topk_ids, topk_weights, w13, w2, token_lora, lora):
     return out.view(num_tokens, top_k, -1).sum(1)
 
 
+GROUPED_MM_TOKENS = 1024
+"""Token counts from which the table has the ``grouped_mm`` base column."""
+
+
+def sorted_rows(x, topk_ids, num_experts):
+    """The rows ``grouped_mm_base`` reads: ``x``'s row of every (token, expert) pair in expert order,
+    and the int32 end offset of each expert's rows."""
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).int()
+    return x[order // topk_ids.shape[1]], offsets
+
+
+def grouped_mm_base(xs, offsets, w13, w2):
+    """The base experts of rows sorted by expert (``sorted_rows``) through ``torch._grouped_mm``:
+    ``silu(gate) * up`` of ``xs @ w13[e]^T``, then ``@ w2[e]^T``; per pair, not weighted or summed."""
+    inter = w2.shape[2]
+    gate_up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)
+    return torch._grouped_mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2.transpose(1, 2), offs=offsets)
+
+
 def roofline(shape, topk_ids, token_lora, rank, dtype_bytes, ceilings):
     """(seconds, bytes, flops, lora byte share, lora flop share) for one input set."""
     hidden, inter, num_experts, top_k = shape
@@ -94,16 +118,21 @@ def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloa
     for num_tokens in tokens:
         rotations = 4 if num_tokens <= 256 else 2
         inputs = [random_tokens(shape, num_tokens, dtype) for _ in range(rotations)]
+        grouped_ms = None
+        if num_tokens >= GROUPED_MM_TOKENS:
+            grouped = [sorted_rows(x, topk_ids, num_experts) for x, topk_ids, _ in inputs]
+            grouped_ms = time_graph([lambda g=g: grouped_mm_base(*g, w13, w2) for g in grouped])
+            del grouped
+        base_flops = 2 * num_tokens * top_k * 3 * hidden * inter
         for rank in ranks:
             lora = random_lora(NUM_SLOTS, num_experts, hidden, inter, rank, dtype)
             none = token_mapping(num_tokens, "none", NUM_SLOTS)
-            base_ms = time_graph(
-                [lambda i=i: fused_experts(*i, w13, w2, token_lora=none, lora=lora) for i in inputs]
-            )
+            base_ms = time_graph([lambda i=i: fused_experts(*i, w13, w2, token_lora=none, lora=lora) for i in inputs])
             for scenario in scenarios:
                 mappings = [token_mapping(num_tokens, scenario, NUM_SLOTS) for _ in inputs]
                 calls = [
-                    lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora) for i, m in zip(inputs, mappings)
+                    lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora)
+                    for i, m in zip(inputs, mappings)
                 ]
                 ours_ms = time_graph(calls)
                 baseline_ms = time_eager(
@@ -119,7 +148,9 @@ def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloa
                     bytes=sum(r[1] for r in roof) / len(roof), flops=flops,
                     pct_matmul=100 * flops / (ours_ms * 1e-3) / ceilings.matmul_flops_per_s,
                     lora_byte_share=sum(r[3] for r in roof) / len(roof), lora_flop_share=sum(r[4] for r in roof) / len(roof),
-                    speedup_vs_baseline=baseline_ms / ours_ms,
+                    speedup_vs_baseline=baseline_ms / ours_ms, grouped_mm_base_ms=grouped_ms,
+                    base_vs_grouped_mm=None if grouped_ms is None else grouped_ms / base_ms,
+                    no_lora_pct_matmul=100 * base_flops / (base_ms * 1e-3) / ceilings.matmul_flops_per_s,
                 )  # fmt: skip
                 rows.append(row)
                 print(format_row(row), flush=True)
@@ -130,7 +161,7 @@ def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloa
 
 HEADER = (
     f"{'shape':<17}{'T':>6}{'r':>4} {'scenario':<10}{'ours ms':>9}{'no-LoRA':>9}{'baseline':>10}"
-    f"{'roof ms':>9}{'%roof':>7}{'LoRA ovh':>9}{'share':>7}{'vs base':>8}"
+    f"{'roof ms':>9}{'%roof':>7}{'LoRA ovh':>9}{'share':>7}{'vs base':>8}{'grouped_mm':>11}{'vs gmm':>7}"
 )
 
 
@@ -140,6 +171,11 @@ def format_row(r):
         f"{r['shape']:<17}{r['T']:>6}{r['rank']:>4} {r['scenario']:<10}{r['ours_ms']:>9.4f}{r['ours_no_lora_ms']:>9.4f}"
         f"{r['baseline_ms']:>10.4f}{r['roofline_ms']:>9.4f}{r['pct_roofline']:>6.1f}%{100 * r['lora_overhead']:>8.1f}%"
         f"{100 * share:>6.1f}%{r['speedup_vs_baseline']:>7.2f}x"
+        + (
+            ""
+            if r.get("grouped_mm_base_ms") is None
+            else f"{r['grouped_mm_base_ms']:>11.4f}{r['base_vs_grouped_mm']:>6.2f}x"
+        )
     )
 
 
