@@ -119,7 +119,7 @@ class SchemaTest(TestCase):
     def test_fused_experts_schema(self):
         self.assertExpectedInline(
             str(torch.ops.moe_lora.fused_experts.default._schema),
-            """moe_lora::fused_experts(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w2, Tensor? w13_bias, Tensor? w2_bias, Tensor? token_lora, Tensor? gate_up_a, Tensor? gate_up_b, Tensor? down_a, Tensor? down_b, Tensor? gate_up_scale, Tensor? down_scale, str activation, bool gated, bool interleaved, float swiglu_alpha, float swiglu_limit, bool weight_on_input) -> Tensor""",
+            """moe_lora::fused_experts(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w2, Tensor? w13_bias, Tensor? w2_bias, Tensor? token_lora, Tensor? gate_up_a, Tensor? gate_up_b, Tensor? down_a, Tensor? down_b, Tensor? gate_up_scale, Tensor? down_scale, str activation, bool gated, bool interleaved, float swiglu_alpha, float swiglu_limit, bool weight_on_input, Tensor? w13_scale=None, Tensor? w2_scale=None, SymInt block_n=0, SymInt block_k=0) -> Tensor""",
         )
 
 

@@ -2,9 +2,17 @@
 
 from .lora import ExpertLoRASlots, LoRAWeights
 from .ops import align as _align  # noqa: F401  (registers torch.ops.moe_lora.align_block_size)
-from .ops.fused_experts import fused_experts
+from .ops.fused_experts import WeightScales, fused_experts
 from .ops.lora_linear import add_lora_linear, slot_segments
 from .patch import patch_model
 
-__all__ = ["ExpertLoRASlots", "LoRAWeights", "add_lora_linear", "fused_experts", "patch_model", "slot_segments"]
+__all__ = [
+    "ExpertLoRASlots",
+    "LoRAWeights",
+    "WeightScales",
+    "add_lora_linear",
+    "fused_experts",
+    "patch_model",
+    "slot_segments",
+]
 __version__ = "0.1.0"

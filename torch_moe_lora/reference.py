@@ -135,9 +135,7 @@ def fused_experts_ref(
     out = torch.zeros(num_tokens, x.shape[1], dtype=cd, device=x.device)
     if num_tokens == 0:
         return out
-    slot_of_token = (
-        token_lora.long() if token_lora is not None else torch.full((num_tokens,), -1, device=x.device)
-    )
+    slot_of_token = token_lora.long() if token_lora is not None else torch.full((num_tokens,), -1, device=x.device)
     num_slots = lora.gate_up_a.shape[0] if lora is not None else 0
     gate_rows = gate_rows_ref(w13.shape[1], gated=gated, interleaved=interleaved, device=x.device)
     ids = topk_ids.long()
@@ -180,6 +178,22 @@ def fused_experts_ref(
                 y = y * w
             out.index_add_(0, tok, y)
     return out
+
+
+def dequantize_blocks_ref(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Block-scaled FP8 expert weights as real numbers: ``w[e, n, k] * scale[e, n // bn, k // bk]``.
+
+    ``weight [E, N, K]`` (float8 e4m3), ``scale [E, >= ceil(N / bn), >= ceil(K / bk)]`` (the
+    checkpoints' ``weight_scale_inv``: the factor that takes a stored value back to the weight),
+    ``block = (bn, bk)``. A per-tensor scale is ``block = (N, K)`` with ``scale [E, 1, 1]``; per
+    channel, ``(1, K)``. The FP8 op is the bf16 op on these weights (``fused_experts_ref`` of them).
+    """
+    rows, cols = weight.shape[-2:]
+    full = scale.to(dtype).repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    full = full.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return weight.to(dtype) * full
 
 
 def align_block_size_ref(

@@ -40,6 +40,102 @@ def _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scal
     return None if all(t is None for t in tensors) else LoRAWeights(*tensors)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn,)
+"""Expert weight dtypes read with block scales (``WeightScales``)."""
+SCALE_DTYPES = (torch.float32,) + ((torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ())
+"""Scale dtypes: float32, and UE8M0 (powers of two) where torch has it."""
+
+
+class WeightScales(NamedTuple):
+    """The block scales of FP8 expert weights: ``w[e, n, k] * scale[e, n // block_n, k // block_k]``.
+
+    ``w13_scale [E, ceil(2I / block_n), ceil(H / block_k)]`` (at least 2 rows, as transformers
+    allocates gate_up's), ``w2_scale [E, ceil(H / block_n), ceil(I / block_k)]``, float32 or UE8M0:
+    the checkpoints' ``weight_scale_inv``. Per tensor is one block over the whole matrix, per channel
+    ``block_n = 1``; see ``reference.dequantize_blocks_ref``.
+    """
+
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    block_n: int
+    block_k: int
+
+
+def _weight_scales(w13_scale, w2_scale, block_n: int, block_k: int) -> WeightScales | None:
+    return None if w13_scale is None and w2_scale is None else WeightScales(w13_scale, w2_scale, block_n, block_k)
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int, dtype) -> torch.Tensor:
+    """``weight [E, N, K]`` FP8 times its block scales, in ``dtype`` (``[E, N, K]``, contiguous).
+
+    Expands the scales over rows and broadcasts them over each block's columns (no second
+    weight-sized tensor of scales); static shapes, no host sync.
+    """
+    rows, cols = weight.shape[-2:]
+    full_blocks, rest = divmod(cols, block_k)
+    row_scale = scale.float().repeat_interleave(block_n, dim=1)[:, :rows]
+    out = weight.to(torch.float32)
+    head = out[..., : full_blocks * block_k].unflatten(-1, (full_blocks, block_k))
+    head.mul_(row_scale[..., :full_blocks, None])
+    if rest:
+        out[..., full_blocks * block_k :].mul_(row_scale[..., full_blocks : full_blocks + 1])
+    return out.to(dtype)
+
+
+def dequantize_experts(w13, w2, scales: WeightScales, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both expert weights dequantized to ``dtype``."""
+    block = (scales.block_n, scales.block_k)
+    return dequantize_weight(w13, scales.w13_scale, *block, dtype), dequantize_weight(
+        w2, scales.w2_scale, *block, dtype
+    )
+
+
+def _check_weight_scales(w13, w2, scales: WeightScales | None, x_dtype, inter: int) -> None:
+    """Weights in x's dtype with no scales, or both FP8 with both scales of the right shapes."""
+    quantized = [t.dtype in FP8_DTYPES for t in (w13, w2)]
+    if not any(quantized):
+        for name, t in (("w13", w13), ("w2", w2)):
+            if t.dtype != x_dtype:
+                raise TypeError(
+                    f"fused_experts: {name} must have x's dtype {x_dtype} (or be float8_e4m3fn with block scales), "
+                    f"got {t.dtype}"
+                )
+        if scales is not None:
+            raise ValueError(
+                f"fused_experts: w13_scale/w2_scale were given but the weights are {w13.dtype}, not float8_e4m3fn; "
+                "scales go with FP8 weights only"
+            )
+        return
+    if not all(quantized):
+        raise TypeError(
+            f"fused_experts: w13 and w2 must both be float8_e4m3fn or neither, got {w13.dtype} and {w2.dtype}"
+        )
+    if scales is None or scales.w13_scale is None or scales.w2_scale is None:
+        raise ValueError(
+            "fused_experts: float8_e4m3fn w13 and w2 need both w13_scale and w2_scale (their block scales)"
+        )
+    block_n, block_k = scales.block_n, scales.block_k
+    if block_n < 1 or block_k < 1:
+        raise ValueError(
+            f"fused_experts: the scales' block must be positive [block_n, block_k], got [{block_n}, {block_k}]"
+        )
+    E, rows13, H = w13.shape
+    spec = [
+        ("w13_scale", scales.w13_scale, (rows13, H), (-(-rows13 // block_n), max(2, -(-rows13 // block_n)))),
+        ("w2_scale", scales.w2_scale, (H, inter), (-(-H // block_n),)),
+    ]
+    for name, scale, (n, k), rows in spec:
+        cols = -(-k // block_k)
+        if scale.dim() != 3 or scale.shape[0] != E or scale.shape[1] not in rows or scale.shape[2] != cols:
+            want = " or ".join(dict.fromkeys(f"[{E}, {r}, {cols}]" for r in rows))
+            raise ValueError(
+                f"fused_experts: {name} must be {want} (one scale per {block_n}x{block_k} block of each expert's "
+                f"[{n}, {k}] weight), got {spelled_shape(scale)}"
+            )
+        if scale.dtype not in SCALE_DTYPES:
+            raise TypeError(f"fused_experts: {name} must be one of {SCALE_DTYPES}, got {scale.dtype}")
+
+
 def _expect_shape(name: str, t: torch.Tensor, expected: tuple, spelled: str) -> None:
     if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
         raise ValueError(f"fused_experts: {name} must have shape {spelled}, got {spelled_shape(t)}")
@@ -47,7 +143,7 @@ def _expect_shape(name: str, t: torch.Tensor, expected: tuple, spelled: str) -> 
 
 def check_fused_experts_args(
     x, topk_ids, topk_weights, w13, w2, *, w13_bias, w2_bias, token_lora, lora: LoRAWeights | None,
-    options: ExpertOptions,
+    options: ExpertOptions, scales: WeightScales | None = None,
 ) -> None:  # fmt: skip
     """Validates shapes, dtypes and devices of the op's arguments; raises ValueError/TypeError.
 
@@ -79,9 +175,7 @@ def check_fused_experts_args(
     inter = rows13 // 2 if gated else rows13
     _expect_shape("w13", w13, (E, rows13, H), f"[E, {'2I' if gated else 'I'}, H] with H = {H}")
     _expect_shape("w2", w2, (E, H, inter), f"[E, H, I] = [{E}, {H}, {inter}]")
-    for name, t in (("w13", w13), ("w2", w2)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"fused_experts: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    _check_weight_scales(w13, w2, scales, x.dtype, inter)
     if w13_bias is not None:
         _expect_shape("w13_bias", w13_bias, (E, rows13), f"[E, {'2I' if gated else 'I'}] = [{E}, {rows13}]")
     if w2_bias is not None:
@@ -102,7 +196,12 @@ def check_fused_experts_args(
         if gate_up_a.dim() != 4:
             raise ValueError(f"fused_experts: gate_up_a must be [L, E, Ra, H], got {spelled_shape(gate_up_a)}")
         L, R = gate_up_a.shape[0], gate_up_b.shape[-1] if gate_up_b.dim() == 4 else -1
-        _expect_shape("gate_up_b", gate_up_b, (L, E, rows13, None), f"[L, E, {'2I' if gated else 'I'}, R] = [{L}, {E}, {rows13}, R]")
+        _expect_shape(
+            "gate_up_b",
+            gate_up_b,
+            (L, E, rows13, None),
+            f"[L, E, {'2I' if gated else 'I'}, R] = [{L}, {E}, {rows13}, R]",
+        )
         shrink = gate_up_a.shape[2]
         if shrink != R and not (gated and shrink == 2 * R):
             raise ValueError(
@@ -125,6 +224,7 @@ def check_fused_experts_args(
         ("w13_bias", w13_bias), ("w2_bias", w2_bias), ("token_lora", token_lora), ("gate_up_a", gate_up_a),
         ("gate_up_b", gate_up_b), ("down_a", down_a), ("down_b", down_b),
         ("gate_up_scale", gate_up_scale), ("down_scale", down_scale),
+        ("w13_scale", scales and scales.w13_scale), ("w2_scale", scales and scales.w2_scale),
     )  # fmt: skip
     for name, t in named:
         if t is not None and t.device != x.device:
@@ -168,11 +268,18 @@ def _fused_experts_op(
     swiglu_alpha: float,
     swiglu_limit: float,
     weight_on_input: bool,
+    w13_scale: Optional[torch.Tensor] = None,
+    w2_scale: Optional[torch.Tensor] = None,
+    block_n: int = 0,
+    block_k: int = 0,
 ) -> torch.Tensor:
     tensors = dict(w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora)
     lora = _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
     options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
-    check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
+    scales = _weight_scales(w13_scale, w2_scale, block_n, block_k)
+    check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options, scales=scales)
+    if scales is not None:
+        w13, w2 = dequantize_experts(w13, w2, scales, torch.float32)
     return fused_experts_torch(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
 
 
@@ -181,11 +288,13 @@ def _(
     x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
     gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
     activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
+    w13_scale=None, w2_scale=None, block_n=0, block_k=0,
 ):  # fmt: skip
     check_fused_experts_args(
         x, topk_ids, topk_weights, w13, w2, w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora,
         lora=_lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale),
         options=ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input),
+        scales=_weight_scales(w13_scale, w2_scale, block_n, block_k),
     )  # fmt: skip
     return x.new_empty(x.shape)
 
@@ -195,11 +304,18 @@ def _(
     x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
     gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
     activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
+    w13_scale=None, w2_scale=None, block_n=0, block_k=0,
 ):  # fmt: skip
     tensors = dict(w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora)
     lora = _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
     options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
-    check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
+    scales = _weight_scales(w13_scale, w2_scale, block_n, block_k)
+    check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options, scales=scales)
+    if scales is not None:
+        # FP8 weights: dequantized to x's dtype for this call, then the bf16/fp16 kernels. Correct, not
+        # fast (it reads the FP8 weights and writes and reads them again in x's dtype); the kernels
+        # that dequantize in their K loop are issue work still to do.
+        w13, w2 = dequantize_experts(w13, w2, scales, x.dtype)
     return fused_experts_triton(
         x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options,
         config=launch_config(x, topk_ids, w2),
@@ -250,9 +366,7 @@ def fused_experts_torch(
 
     expert_of_pair = topk_ids.reshape(-1).long()
     valid = (expert_of_pair >= 0) & (expert_of_pair < num_experts)
-    slot_of_pair = (
-        token_lora.long().repeat_interleave(top_k) if has_lora else torch.full_like(expert_of_pair, -1)
-    )
+    slot_of_pair = token_lora.long().repeat_interleave(top_k) if has_lora else torch.full_like(expert_of_pair, -1)
     # Key (expert, slot) with slot -1 stored as num_slots; invalid pairs sort last and are not counted.
     num_keys = num_experts * (num_slots + 1)
     slot_key = torch.where(slot_of_pair < 0, num_slots, slot_of_pair)
@@ -319,6 +433,7 @@ def fused_experts(
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
     weight_on_input: bool = False,
+    scales: WeightScales | None = None,
 ) -> torch.Tensor:
     """One MoE layer's routed experts with a LoRA adapter per token (``torch.ops.moe_lora.fused_experts``).
 
@@ -332,7 +447,8 @@ def fused_experts(
         topk_weights: ``[T, K]`` float routing weights.
         w13: ``[E, 2I, H]`` (``[E, I, H]`` if not gated) in x's dtype; any strides (a transposed
             view of a ``[E, H, 2I]`` parameter is read in place).
-        w2: ``[E, H, I]`` in x's dtype; any strides.
+        w2: ``[E, H, I]`` in x's dtype; any strides. Both weights may instead be float8_e4m3fn
+            with ``scales``.
         token_lora: ``[T]`` int32/int64 adapter slot per token, ``-1`` for none. Values outside
             ``[-1, L)`` raise on the CPU and trip a device-side assert on CUDA.
         lora: a ``LoRAWeights`` slot table (``L`` slots) or None for no LoRA; with a table,
@@ -343,12 +459,16 @@ def fused_experts(
         interleaved: gate/up rows of ``w13`` alternate (GPT-OSS) instead of gate block then up block.
         swiglu_alpha, swiglu_limit: parameters of ``swigluoai``.
         weight_on_input: scale the expert's input by the routing weight instead of its output (Llama 4).
+        scales: the block scales of FP8 ``w13``/``w2`` (``WeightScales``), or None for weights in
+            x's dtype. The result is the op on the dequantized weights
+            (``reference.dequantize_blocks_ref``); LoRA tables stay in x's dtype.
 
     Returns:
         ``[T, H]`` in x's dtype (accumulated in float32).
     """
     lora_args = tuple(lora) if lora is not None else (None,) * 6
     options = ExpertOptions(activation, gated, interleaved, float(swiglu_alpha), float(swiglu_limit), weight_on_input)
+    quantized = () if scales is None else tuple(scales)
     return torch.ops.moe_lora.fused_experts(
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args, *options
+        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args, *options, *quantized
     )

@@ -1,0 +1,155 @@
+"""FP8 (e4m3) expert weights with block scales in ``fused_experts``: the op on FP8 weights is the
+op on the dequantized weights (``reference.dequantize_blocks_ref``), LoRA tables stay in x's dtype;
+bad scales are refused with messages that say what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from utils import HAS_CUDA, assert_close_verbose, problems, requires_cuda
+
+from torch_moe_lora import WeightScales, fused_experts
+from torch_moe_lora.ops.fused_experts import dequantize_weight
+from torch_moe_lora.reference import dequantize_blocks_ref, fused_experts_ref
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+UE8M0 = getattr(torch, "float8_e8m0fnu", None)
+
+
+def quantize(weight: torch.Tensor, block_n: int, block_k: int, rows: int | None = None):
+    """``weight [E, N, K]`` as FP8 with one float32 scale per block (absmax / the FP8 maximum), as the
+    checkpoints' recipe quantizes; ``rows`` scale rows (more than the blocks need: transformers' gate_up)."""
+    E, N, K = weight.shape
+    nb, kb = -(-N // block_n), -(-K // block_k)
+    padded = torch.zeros(E, nb * block_n, kb * block_k, dtype=torch.float32)
+    padded[:, :N, :K] = weight.float()
+    blocks = padded.view(E, nb, block_n, kb, block_k)
+    scale = (blocks.abs().amax(dim=(2, 4)) / FP8_MAX).clamp_min(1e-12)
+    quantized = (blocks / scale[:, :, None, :, None]).view(E, nb * block_n, kb * block_k)[:, :N, :K].to(FP8)
+    if rows is not None and rows > nb:
+        scale = torch.cat([scale, torch.ones(E, rows - nb, kb)], dim=1)
+    return quantized, scale
+
+
+def quantized_problem(problem, block_n: int, block_k: int):
+    w13, s13 = quantize(problem.w13, block_n, block_k)
+    w2, s2 = quantize(problem.w2, block_n, block_k)
+    return w13, w2, WeightScales(s13, s2, block_n, block_k)
+
+
+def reference(problem, w13, w2, scales: WeightScales):
+    block = (scales.block_n, scales.block_k)
+    return fused_experts_ref(
+        problem.x, problem.topk_ids, problem.topk_weights,
+        dequantize_blocks_ref(w13, scales.w13_scale, block), dequantize_blocks_ref(w2, scales.w2_scale, block),
+        **problem.kwargs(),
+    )  # fmt: skip
+
+
+BLOCKS = st.tuples(st.sampled_from([1, 3, 4, 8, 16, 128]), st.sampled_from([1, 5, 8, 16, 128]))
+
+
+@given(problem=problems(), block=BLOCKS)
+def test_fp8_weights_are_the_op_on_the_dequantized_weights(problem, block):
+    """Every activation, layout, mapping and dtype; block boundaries that are not multiples of any tile."""
+    w13, w2, scales = quantized_problem(problem, *block)
+    out = fused_experts(problem.x, problem.topk_ids, problem.topk_weights, w13, w2, scales=scales, **problem.kwargs())
+    assert out.dtype == problem.x.dtype
+    assert_close_verbose(out, reference(problem, w13, w2, scales), problem.x.dtype, f"fp8 block {block}")
+
+
+@requires_cuda
+@given(problem=problems(dtypes=(torch.float16, torch.bfloat16)), block=BLOCKS)
+def test_fp8_weights_on_the_gpu(problem, block):
+    w13, w2, scales = quantized_problem(problem, *block)
+    gpu = problem.to("cuda")
+    scales_gpu = WeightScales(scales.w13_scale.cuda(), scales.w2_scale.cuda(), *block)
+    out = fused_experts(gpu.x, gpu.topk_ids, gpu.topk_weights, w13.cuda(), w2.cuda(), scales=scales_gpu, **gpu.kwargs())
+    assert_close_verbose(out, reference(problem, w13, w2, scales), problem.x.dtype, f"fp8 on the GPU, block {block}")
+
+
+@pytest.mark.parametrize(
+    "shape, block", [((3, 40, 24), (16, 16)), ((2, 7, 9), (7, 9)), ((2, 6, 10), (1, 10)), ((1, 300, 260), (128, 128))]
+)
+def test_dequantize_matches_the_reference(shape, block):
+    """Blocks, one scale per tensor (``block = (N, K)``), one per channel (``(1, K)``), partial blocks."""
+    weight, scale = quantize(torch.randn(shape), *block)
+    got = dequantize_weight(weight, scale, *block, torch.float32)
+    assert torch.equal(got.double(), dequantize_blocks_ref(weight, scale, block).float().double())
+
+
+@pytest.mark.skipif(UE8M0 is None, reason="this torch has no float8_e8m0fnu")
+def test_ue8m0_scales():
+    """Power-of-two scales stored as UE8M0 give the same result as the same scales in float32."""
+    problem = next_problem()
+    w13, w2, scales = quantized_problem(problem, 8, 8)
+    pow2 = WeightScales(*(torch.exp2(torch.ceil(torch.log2(s))) for s in scales[:2]), 8, 8)
+    ue8m0 = WeightScales(*(s.to(UE8M0) for s in pow2[:2]), 8, 8)
+    args = (problem.x, problem.topk_ids, problem.topk_weights, w13, w2)
+    want = fused_experts(*args, scales=pow2, **problem.kwargs())
+    assert torch.equal(fused_experts(*args, scales=ue8m0, **problem.kwargs()), want)
+
+
+def next_problem():
+    from utils import make_problem
+
+    return make_problem(T=6, H=24, I=16, E=3, K=2, L=2, R=4)
+
+
+def test_bad_scales_are_refused():
+    problem = next_problem()
+    w13, w2, scales = quantized_problem(problem, 8, 8)
+    args = (problem.x, problem.topk_ids, problem.topk_weights)
+    with pytest.raises(ValueError, match="need both w13_scale and w2_scale"):
+        fused_experts(*args, w13, w2, **problem.kwargs())
+    with pytest.raises(ValueError, match="scales go with FP8 weights only"):
+        fused_experts(*args, problem.w13, problem.w2, scales=scales, **problem.kwargs())
+    with pytest.raises(TypeError, match="must both be float8_e4m3fn or neither"):
+        fused_experts(*args, w13, problem.w2, scales=scales, **problem.kwargs())
+    with pytest.raises(TypeError, match="w13 must have x's dtype torch.float32 \\(or be float8_e4m3fn"):
+        fused_experts(*args, problem.w13.half(), problem.w2, **problem.kwargs())
+    bad = scales._replace(w2_scale=scales.w2_scale[:, :2])
+    with pytest.raises(ValueError, match=r"w2_scale must be \[3, 3, 2\] \(one scale per 8x8 block .* got \[3, 2, 2\]"):
+        fused_experts(*args, w13, w2, scales=bad, **problem.kwargs())
+    with pytest.raises(ValueError, match=r"w13_scale must be \[3, 4, 3\]"):
+        fused_experts(*args, w13, w2, scales=scales._replace(w13_scale=scales.w13_scale[:, :3]), **problem.kwargs())
+    with pytest.raises(TypeError, match="w2_scale must be one of"):
+        fused_experts(*args, w13, w2, scales=scales._replace(w2_scale=scales.w2_scale.half()), **problem.kwargs())
+    with pytest.raises(ValueError, match=r"block must be positive \[block_n, block_k\], got \[0, 8\]"):
+        fused_experts(*args, w13, w2, scales=scales._replace(block_n=0), **problem.kwargs())
+
+
+def test_gate_up_scales_may_have_the_rows_transformers_allocates():
+    """transformers gives gate_up at least 2 scale rows even when one block covers all 2I rows."""
+    problem = next_problem()
+    w13, s13 = quantize(problem.w13, 128, 8, rows=2)
+    w2, s2 = quantize(problem.w2, 128, 8)
+    scales = WeightScales(s13, s2, 128, 8)
+    out = fused_experts(problem.x, problem.topk_ids, problem.topk_weights, w13, w2, scales=scales, **problem.kwargs())
+    assert_close_verbose(out, reference(problem, w13, w2, scales), torch.float32, "2 gate_up scale rows")
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_opcheck_and_compile(device):
+    problem = next_problem().to(device)
+    w13, w2, scales = quantized_problem(next_problem(), 8, 8)
+    w13, w2 = w13.to(device), w2.to(device)
+    scales = WeightScales(scales.w13_scale.to(device), scales.w2_scale.to(device), 8, 8)
+    lora = tuple(problem.lora)
+    args = (problem.x, problem.topk_ids, problem.topk_weights, w13, w2, None, None, problem.token_lora, *lora,
+            "silu", True, False, 1.702, 7.0, False, *scales)  # fmt: skip
+    # test_schema compares inputs before and after with allclose, which torch has no FP8 kernel for.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.moe_lora.fused_experts.default, args, test_utils=utils)
+
+    def layer(x, token_lora):
+        return fused_experts(x, problem.topk_ids, problem.topk_weights, w13, w2, token_lora=token_lora,
+                             lora=problem.lora, scales=scales)  # fmt: skip
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(problem.x, problem.token_lora), layer(problem.x, problem.token_lora))
+    torch._dynamo.reset()
