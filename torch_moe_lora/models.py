@@ -28,6 +28,7 @@ import transformers.activations as hf_activations
 import transformers.integrations.moe as hf_moe
 from torch import nn
 
+from .ops.fused_experts import FP8_DTYPES, WeightScales
 from .reference import ACTIVATIONS
 
 ROLES = ("gate", "up", "down")
@@ -40,7 +41,9 @@ class ExpertsSpec:
 
     The flags match ``reference.fused_experts_ref``'s keyword arguments. The weight names and
     ``transposed`` say where the module keeps its weights; ``w13``/``w2``/``w13_bias``/``w2_bias``
-    return them in the op's layout, as views of the module's parameters (never copies).
+    return them in the op's layout, as views of the module's parameters (never copies). FP8
+    experts (transformers' ``FP8Experts``) also name their block scales (``w13_scale_name``,
+    ``w2_scale_name``; the block is the module's ``block_size``).
     """
 
     activation: str
@@ -54,6 +57,12 @@ class ExpertsSpec:
     w2_name: str = "down_proj"
     w13_bias_name: str | None = None
     w2_bias_name: str | None = None
+    w13_scale_name: str | None = None
+    w2_scale_name: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.w13_scale_name is not None
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -81,6 +90,15 @@ class ExpertsSpec:
         """The down bias ``[E, H]``, or None."""
         return None if self.w2_bias_name is None else getattr(experts, self.w2_bias_name)
 
+    def scales(self, experts: nn.Module) -> WeightScales | None:
+        """The block scales of FP8 weights (``WeightScales``), or None for weights in the model's dtype."""
+        if not self.quantized:
+            return None
+        block_n, block_k = experts.block_size
+        return WeightScales(
+            getattr(experts, self.w13_scale_name), getattr(experts, self.w2_scale_name), block_n, block_k
+        )
+
     def op_kwargs(self, experts: nn.Module) -> dict:
         """Keyword arguments of ``fused_experts_ref`` (and the op) for this module's weights.
 
@@ -89,11 +107,13 @@ class ExpertsSpec:
 
         Returns:
             ``dict`` with ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, ``w13_bias [E, 2I] | None``,
-            ``w2_bias [E, H] | None`` (the module's dtype, views of its parameters) and the flags
+            ``w2_bias [E, H] | None`` (the module's dtype, views of its parameters), the flags
             ``activation``, ``gated``, ``interleaved``, ``swiglu_alpha``, ``swiglu_limit``,
-            ``weight_on_input``.
+            ``weight_on_input`` and, for FP8 weights, ``scales``.
         """
+        quantized = {} if not self.quantized else {"scales": self.scales(experts)}
         return dict(
+            **quantized,
             w13=self.w13(experts),
             w2=self.w2(experts),
             w13_bias=self.w13_bias(experts),
@@ -277,6 +297,21 @@ class MoEBlock(NamedTuple):
     def family(self) -> MoEFamily:
         return family_of_block(self.block)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The block's compute dtype, that of its LoRA tables: the experts' weight dtype, or for FP8
+        experts the router's weight dtype (routers stay in the model's dtype in FP8 checkpoints)."""
+        if not self.spec.quantized:
+            return self.spec.w13(self.experts).dtype
+        router = getattr(self.block, self.family.router_attr, None)
+        weight = getattr(router, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return weight.dtype
+        raise NotImplementedError(
+            f"{self.name}: FP8 experts whose router ({self.family.router_attr}) has no float weight; the LoRA tables' "
+            "dtype cannot be told"
+        )
+
 
 def _registered(module: nn.Module, table: Mapping[str, MoEFamily]) -> MoEFamily | None:
     for cls in type(module).__mro__:
@@ -322,14 +357,59 @@ def activation_name(act_fn: nn.Module, owner: str = "experts") -> str:
     )
 
 
+def _fp8_gate(experts: nn.Module) -> Mapping[str, object]:
+    """``FP8Experts._apply_gate`` (transformers' FP8 experts, every family): gate and up halves, then
+    GPT-OSS's clamped swiglu where the config has ``swiglu_alpha``, else ``act_fn(gate) * up``."""
+    cls = type(experts).__name__
+    if getattr(experts, "gate_softcap", None) is not None or getattr(experts, "up_softcap", None) is not None:
+        raise NotImplementedError(f"{cls}: softcapped gate/up (gate_softcap, up_softcap) is not supported")
+    if getattr(experts, "swiglu_alpha", None) is not None:
+        return dict(activation="swigluoai", swiglu_alpha=float(experts.swiglu_alpha),
+                    swiglu_limit=float(experts.swiglu_limit))  # fmt: skip
+    if getattr(experts, "limit", None) is not None:
+        raise NotImplementedError(
+            f"{cls}: a clamped gate/up (swiglu_limit {experts.limit} without swiglu_alpha) is not an activation the op "
+            f"implements ({', '.join(ACTIVATIONS)})"
+        )
+    return dict(activation=activation_name(experts.act_fn, cls))
+
+
+_APPLY_GATE_OF_CLASS: dict[str, Callable[[nn.Module], Mapping[str, object]]] = {"FP8Experts": _fp8_gate}
+"""``_apply_gate`` overrides of experts classes that no family owns (quantized experts), by class name."""
+
+
+def _quantized_names(experts: nn.Module, w13_name: str) -> dict:
+    """The scale names of FP8 experts (empty for weights in a float dtype); raises NotImplementedError
+    for a quantized layout the op cannot run."""
+    cls, weight = type(experts).__name__, getattr(experts, w13_name)
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return {}
+    if weight.dtype not in FP8_DTYPES:
+        raise NotImplementedError(
+            f"{cls}: expert weights of dtype {weight.dtype} are not supported (the op runs float32/float16/bfloat16 "
+            f"weights, and float8_e4m3fn with block scales)"
+        )
+    scale_names = (f"{w13_name}_scale_inv", "down_proj_scale_inv")
+    if not all(hasattr(experts, n) for n in scale_names) or getattr(experts, "block_size", None) is None:
+        raise NotImplementedError(
+            f"{cls}: float8_e4m3fn expert weights without block scales ({' and '.join(scale_names)} with a "
+            "block_size) are not supported; per-tensor FP8 experts are not a layout transformers loads"
+        )
+    return dict(w13_scale_name=scale_names[0], w2_scale_name=scale_names[1])
+
+
 def _interface_spec(experts: nn.Module) -> ExpertsSpec:
     cls = type(experts).__name__
     if getattr(experts, "has_post_expert_norm", False):
-        raise NotImplementedError(f"{cls}: experts with a post-expert norm (has_post_expert_norm=True) are not supported")
+        raise NotImplementedError(
+            f"{cls}: experts with a post-expert norm (has_post_expert_norm=True) are not supported"
+        )
+    w13_name = "gate_up_proj" if experts.has_gate else "up_proj"
     names = dict(
-        w13_name="gate_up_proj" if experts.has_gate else "up_proj",
+        w13_name=w13_name,
         w13_bias_name=("gate_up_proj_bias" if experts.has_gate else "up_proj_bias") if experts.has_bias else None,
         w2_bias_name="down_proj_bias" if experts.has_bias else None,
+        **_quantized_names(experts, w13_name),
     )
     layout = dict(
         gated=experts.has_gate,
@@ -348,6 +428,8 @@ def _interface_spec(experts: nn.Module) -> ExpertsSpec:
             )
         return ExpertsSpec(activation=activation_name(experts.act_fn, cls), **layout)
     owner = next(c for c in type(experts).__mro__ if "_apply_gate" in vars(c))
+    if owner.__name__ in _APPLY_GATE_OF_CLASS:
+        return ExpertsSpec(**layout, **_APPLY_GATE_OF_CLASS[owner.__name__](experts))
     family = _FAMILY_OF_EXPERTS_CLASS.get(owner.__name__)
     if family is None or family.apply_gate is None:
         raise NotImplementedError(
@@ -479,6 +561,4 @@ def legacy_expert_target(family: MoEFamily | str, module_name: str) -> LegacyTar
     )
     if match is None:
         return None
-    return LegacyTarget(
-        match["prefix"] + family.block_attr, int(match["expert"]), family.legacy.roles[match["proj"]]
-    )
+    return LegacyTarget(match["prefix"] + family.block_attr, int(match["expert"]), family.legacy.roles[match["proj"]])

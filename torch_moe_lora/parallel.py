@@ -72,7 +72,12 @@ class ExpertSharding:
         return cls(mode, group, dist.get_rank(group), dist.get_world_size(group))
 
     def check(self, block: MoEBlock) -> None:
-        """Raises a clear error when the block does not split evenly over the group."""
+        """Raises a clear error when the block does not split evenly over the group, or holds FP8 experts."""
+        if block.spec.quantized:
+            raise NotImplementedError(
+                f"{block.name}: FP8 experts under {self.mode} parallelism (sharding their block scales) is not "
+                "supported yet; patch the model without a process group"
+            )
         num_experts, _, inter = block.spec.w2(block.experts).shape
         size, what = (inter, "intermediate size I") if self.mode == "tensor" else (num_experts, "expert count E")
         if size % self.world:
@@ -126,7 +131,9 @@ class ExpertSharding:
             setattr(experts, name, nn.Parameter(value.contiguous(), requires_grad=False))
         setattr(experts, FULL_PARAMETERS_ATTR, full)
 
-    def lora_shard(self, block: MoEBlock, role: str, num_experts: int, split_size: int) -> tuple[range, list[slice] | None]:
+    def lora_shard(
+        self, block: MoEBlock, role: str, num_experts: int, split_size: int
+    ) -> tuple[range, list[slice] | None]:
         """What this rank keeps of a whole-model expert LoRA.
 
         Args:

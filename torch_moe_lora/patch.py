@@ -94,7 +94,7 @@ class MoELoRAModel:
             self._tables[block.name] = ExpertLoRASlots(
                 max_loras, w2.shape[0], w2.shape[1], w2.shape[2], max_rank,
                 gated=block.spec.gated, interleaved=block.spec.interleaved, split_gate_up=split_gate_up,
-                dtype=w13.dtype, device=w13.device,
+                dtype=block.dtype, device=w13.device,
             )  # fmt: skip
         self._patch_blocks()
         self._hooks = [
@@ -107,6 +107,11 @@ class MoELoRAModel:
 
     def _patch_blocks(self) -> None:
         ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
+        if any(block.spec.quantized for block in self.blocks):
+            # transformers' FP8Experts dispatch through their own table of experts implementations.
+            from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+
+            ALL_FP8_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = moe_lora_experts
         for block in self.blocks:
             state = PatchedExperts(block.spec, self._tables[block.name], self.mapping, self.sharding)
             setattr(block.experts, STATE_ATTR, state)
@@ -587,7 +592,7 @@ def patch_model(
     device = blocks[0].spec.w13(blocks[0].experts).device
     need = sum(
         ExpertLoRASlots.table_bytes(max_loras, *b.spec.w2(b.experts).shape, max_rank, gated=b.spec.gated,
-                                    split_gate_up=split_gate_up, dtype=b.spec.w13(b.experts).dtype)
+                                    split_gate_up=split_gate_up, dtype=b.dtype)
         for b in blocks
     )  # fmt: skip
     targeted = {name for adapter in adapters.values() for name in adapter.linears}

@@ -94,7 +94,7 @@ def check_finite(adapter: AdapterLoRA, source, model: nn.Module, blocks: list[Mo
     where = f"adapter {adapter.name!r}"
     if isinstance(source, (str, os.PathLike)):
         where += f" ({os.fspath(source)})"
-    block_dtype = {b.name: b.spec.w13(b.experts).dtype for b in blocks}
+    block_dtype = {b.name: b.dtype for b in blocks}
     checks = []
     for name, lora in adapter.linears.items():
         dtype = model.get_submodule(name).weight.dtype
