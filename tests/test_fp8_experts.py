@@ -8,30 +8,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from utils import HAS_CUDA, assert_close_verbose, problems, requires_cuda
+from utils import HAS_CUDA, assert_close_verbose, interpreted_examples, make_problem, problems, quantize, requires_cuda
 
 from torch_moe_lora import WeightScales, fused_experts
-from torch_moe_lora.ops.fused_experts import dequantize_weight
+from torch_moe_lora.configs import GemmTiles, LaunchConfig, ShrinkTiles, SumTiles
+from torch_moe_lora.ops.fused_experts import ExpertOptions, dequantize_weight
+from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
 from torch_moe_lora.reference import dequantize_blocks_ref, fused_experts_ref
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 UE8M0 = getattr(torch, "float8_e8m0fnu", None)
-
-
-def quantize(weight: torch.Tensor, block_n: int, block_k: int, rows: int | None = None):
-    """``weight [E, N, K]`` as FP8 with one float32 scale per block (absmax / the FP8 maximum), as the
-    checkpoints' recipe quantizes; ``rows`` scale rows (more than the blocks need: transformers' gate_up)."""
-    E, N, K = weight.shape
-    nb, kb = -(-N // block_n), -(-K // block_k)
-    padded = torch.zeros(E, nb * block_n, kb * block_k, dtype=torch.float32)
-    padded[:, :N, :K] = weight.float()
-    blocks = padded.view(E, nb, block_n, kb, block_k)
-    scale = (blocks.abs().amax(dim=(2, 4)) / FP8_MAX).clamp_min(1e-12)
-    quantized = (blocks / scale[:, :, None, :, None]).view(E, nb * block_n, kb * block_k)[:, :N, :K].to(FP8)
-    if rows is not None and rows > nb:
-        scale = torch.cat([scale, torch.ones(E, rows - nb, kb)], dim=1)
-    return quantized, scale
 
 
 def quantized_problem(problem, block_n: int, block_k: int):
@@ -94,8 +79,6 @@ def test_ue8m0_scales():
 
 
 def next_problem():
-    from utils import make_problem
-
     return make_problem(T=6, H=24, I=16, E=3, K=2, L=2, R=4)
 
 
@@ -153,3 +136,40 @@ def test_opcheck_and_compile(device):
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(problem.x, problem.token_lora), layer(problem.x, problem.token_lora))
     torch._dynamo.reset()
+
+
+def kernel_config(block_k: int, **switches) -> LaunchConfig:
+    tiles = GemmTiles(block_n=16, block_k=block_k, group_m=2, num_warps=4, num_stages=2)
+    shrink = ShrinkTiles(max_block_r=16, block_k=16, num_warps=4, num_stages=2)
+    return LaunchConfig(block_m=16, sub_m=16, gate_up=tiles, down=tiles, shrink=shrink,
+                        sum=SumTiles(block_n=64, num_warps=4), **switches)  # fmt: skip
+
+
+KERNEL_CONFIGS = {
+    "tiles": kernel_config(16), "wide_k": kernel_config(32), "pair_blocks": kernel_config(16, pair_blocks=True),
+    "tma": kernel_config(16, tma=True),
+}  # fmt: skip
+"""The GEMM kernels' FP8 paths: with scale blocks of 16 or 128 along K the K tile (16, 32) lies in one
+scale block (a scale per row of the tile); with 5 or 8 it does not (a scale per element)."""
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float32, torch.float16)
+
+
+@interpreted_examples(25)
+@given(
+    problem=problems(dtypes=KERNEL_DTYPES, max_tokens=40 if HAS_CUDA else 12),
+    block=st.tuples(st.sampled_from([1, 8, 16, 128]), st.sampled_from([5, 8, 16, 128])),
+    config=st.sampled_from(sorted(KERNEL_CONFIGS)),
+)
+def test_fp8_kernels_match_the_reference(problem, block, config):
+    """The Triton GEMMs dequantize FP8 tiles in their K loops (Triton's interpreter on the CPU)."""
+    w13, w2, scales = quantized_problem(problem, *block)
+    gpu = problem.to(DEVICE)
+    on_device = WeightScales(scales.w13_scale.to(DEVICE), scales.w2_scale.to(DEVICE), *block)
+    out = torch.full_like(gpu.x, float("nan"))
+    fused_experts_triton(
+        gpu.x, gpu.topk_ids, gpu.topk_weights, w13.to(DEVICE), w2.to(DEVICE), w13_bias=gpu.w13_bias,
+        w2_bias=gpu.w2_bias, token_lora=gpu.token_lora, lora=gpu.lora, options=ExpertOptions(**gpu.options),
+        config=KERNEL_CONFIGS[config], out=out, scales=on_device,
+    )  # fmt: skip
+    assert_close_verbose(out, reference(problem, w13, w2, scales), problem.x.dtype, f"fp8 kernels {config} {block}")

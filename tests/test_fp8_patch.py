@@ -10,8 +10,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from test_fp8_experts import quantize
-from utils import ROWS, assert_rows_match, batch_ids, no_v4_renaming, tiny_model
+from utils import ROWS, assert_rows_match, batch_ids, no_v4_renaming, quantize, tiny_model
 
 from torch_moe_lora import patch_model
 from torch_moe_lora.models import find_moe_blocks

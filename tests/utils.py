@@ -222,6 +222,28 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_to
     )
 
 
+# --- FP8 expert weights ----------------------------------------------------------------------------
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def quantize(weight: torch.Tensor, block_n: int, block_k: int, rows: int | None = None):
+    """``weight [E, N, K]`` as FP8 with one float32 scale per block (absmax / the FP8 maximum), as the
+    checkpoints' recipe quantizes; ``rows`` scale rows (more than the blocks need: transformers' gate_up)."""
+    E, N, K = weight.shape
+    nb, kb = -(-N // block_n), -(-K // block_k)
+    padded = torch.zeros(E, nb * block_n, kb * block_k, dtype=torch.float32)
+    padded[:, :N, :K] = weight.float()
+    blocks = padded.view(E, nb, block_n, kb, block_k)
+    scale = (blocks.abs().amax(dim=(2, 4)) / FP8_MAX).clamp_min(1e-12)
+    quantized = (blocks / scale[:, :, None, :, None]).view(E, nb * block_n, kb * block_k)[:, :N, :K].to(FP8)
+    if rows is not None and rows > nb:
+        scale = torch.cat([scale, torch.ones(E, rows - nb, kb)], dim=1)
+    return quantized, scale
+
+
 # One adapter slot's table entries poisoned (slot index tensor v). The kernels keep every one of
 # these in the slot's own tokens. ``NONFINITE_B`` too, on the PyTorch path only: the GPU expand adds
 # ``0 * B`` of each slot present in a block to the others' rows, so slot tables refuse them.

@@ -311,14 +311,9 @@ def _(
     options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
     scales = _weight_scales(w13_scale, w2_scale, block_n, block_k)
     check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options, scales=scales)
-    if scales is not None:
-        # FP8 weights: dequantized to x's dtype for this call, then the bf16/fp16 kernels. Correct, not
-        # fast (it reads the FP8 weights and writes and reads them again in x's dtype); the kernels
-        # that dequantize in their K loop are issue work still to do.
-        w13, w2 = dequantize_experts(w13, w2, scales, x.dtype)
     return fused_experts_triton(
         x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options,
-        config=launch_config(x, topk_ids, w2),
+        config=launch_config(x, topk_ids, w2), scales=scales,
     )  # fmt: skip
 
 

@@ -33,6 +33,11 @@ The launch config (``torch_moe_lora.configs.LaunchConfig``) sets the tiles and t
   ``overlap_shrink`` the GEMMs run their base K loop before waiting for the shrink kernel.
 * ``shrink.slot_programs``: fewer shrink programs per sub-block, each taking several slots.
 
+FP8 (e4m3) expert weights come with their block scales: the GEMMs load FP8 tiles and convert them
+to x's dtype for the dot; where the K tile lies inside one scale block (``block_k % BLOCK_K == 0``,
+the checkpoints' 128) each tile row's scale multiplies the tile's dot product, else every element
+is scaled before the dot (``_scaled_dot``).
+
 Programs past ``num_blocks`` exit on the device, so grids come from static bounds and CUDA graphs
 can capture the launch.
 """
@@ -68,7 +73,7 @@ from .topk_sum_triton import sum_topk_kernel
 if TYPE_CHECKING:
     from ..configs import LaunchConfig, ShrinkTiles
     from ..lora import LoRAWeights
-    from .fused_experts import ExpertOptions
+    from .fused_experts import ExpertOptions, WeightScales
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4, "swigluoai": 5}
 
@@ -121,6 +126,44 @@ def _weight_tile(
 
 
 @triton.jit
+def _weight_scale(
+    s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k,
+    SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+):  # fmt: skip
+    """The float32 block scales of an FP8 weight tile ``w[expert, rows, k]^T``: with ``SCALE == 1``
+    (the K tile inside one scale block) one per row, ``[BLOCK_N]``, which multiplies the tile's dot
+    product; with ``SCALE == 2`` one per element, ``[BLOCK_K, BLOCK_N]``, which multiplies the tile."""
+    base = s_ptr + expert * stride_s_e
+    if SCALE == 1:
+        return tl.load(base + (rows // SCALE_BN) * stride_s_n + (k0 // SCALE_BK) * stride_s_k, mask=row_mask, other=0.0)
+    return tl.load(
+        base + (rows // SCALE_BN)[None, :] * stride_s_n + (k // SCALE_BK)[:, None] * stride_s_k,
+        mask=row_mask[None, :] & k_mask[:, None],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _scaled_dot(acc, xs, w, s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k,
+                PRECISION: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):  # fmt: skip
+    """``acc + xs @ w`` for a tile of weights in x's dtype (``SCALE == 0``), or of FP8 weights
+    times their block scales (``_weight_scale``), the tile converted to x's dtype for the dot."""
+    if SCALE == 0:
+        acc += tl.dot(xs, w, input_precision=PRECISION)
+    elif SCALE == 1:
+        scale = _weight_scale(
+            s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k, SCALE, SCALE_BN, SCALE_BK
+        )
+        acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
+    else:
+        scale = _weight_scale(
+            s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k, SCALE, SCALE_BN, SCALE_BK
+        )
+        acc += tl.dot(xs, (w.to(tl.float32) * scale).to(xs.dtype), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(block, column tile) of this program; ``GROUP_M`` blocks share a column tile for L2 reuse."""
     pid = tl.program_id(0)
@@ -132,11 +175,12 @@ def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.const
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, h_ptr,
+    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, h_ptr, w13_scale_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks, alpha, limit,
     stride_x_m, stride_x_k,
     stride_w_e, stride_w_n, stride_w_k,
+    stride_ws_e, stride_ws_n, stride_ws_k,
     stride_b13_e, stride_b13_n,
     stride_s_m, stride_s_r,
     stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
@@ -145,9 +189,12 @@ def _gate_up_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, OVERLAP_SHRINK: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
+
+    FP8 ``w13`` (``SCALE`` 1 or 2) is multiplied by its ``[SCALE_BN, SCALE_BK]`` block scales
+    (``_scaled_dot``).
 
     Gate and up accumulate separately: gate row of column ``n`` is ``n`` (``2n`` interleaved), up
     row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),). With ``TMA``
@@ -189,13 +236,19 @@ def _gate_up_kernel(
             w13_ptr, expert, gate_rows, pid_n * BLOCK_N, k0, k, n_mask, k_mask, rows_per_expert,
             stride_w_e, stride_w_n, stride_w_k, TMA,
         )  # fmt: skip
-        acc_gate += tl.dot(xs, w_gate, input_precision=PRECISION)
+        acc_gate = _scaled_dot(
+            acc_gate, xs, w_gate, w13_scale_ptr, expert, gate_rows, k0, k, n_mask, k_mask,
+            stride_ws_e, stride_ws_n, stride_ws_k, PRECISION, SCALE, SCALE_BN, SCALE_BK,
+        )  # fmt: skip
         if GATED:
             w_up = _weight_tile(
                 w13_ptr, expert, up_rows, inter + pid_n * BLOCK_N, k0, k, n_mask, k_mask, rows_per_expert,
                 stride_w_e, stride_w_n, stride_w_k, TMA,
             )  # fmt: skip
-            acc_up += tl.dot(xs, w_up, input_precision=PRECISION)
+            acc_up = _scaled_dot(
+                acc_up, xs, w_up, w13_scale_ptr, expert, up_rows, k0, k, n_mask, k_mask,
+                stride_ws_e, stride_ws_n, stride_ws_k, PRECISION, SCALE, SCALE_BN, SCALE_BK,
+            )  # fmt: skip
     if HAS_LORA:
         if OVERLAP_SHRINK:
             wait_for_previous_kernel(PDL)
@@ -234,11 +287,12 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, y_ptr,
+    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, y_ptr, w2_scale_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
     stride_h_m, stride_h_k,
     stride_w_e, stride_w_n, stride_w_k,
+    stride_ws_e, stride_ws_n, stride_ws_k,
     stride_b2_e, stride_b2_n,
     stride_s_m, stride_s_r,
     stride_db_l, stride_db_e, stride_db_n, stride_db_r,
@@ -246,8 +300,10 @@ def _down_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, OVERLAP_SHRINK: tl.constexpr, TMA: tl.constexpr,
+    SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
 ):  # fmt: skip
-    """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns.
+    """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns
+    (FP8 ``w2`` times its block scales, as in ``_gate_up_kernel``).
 
     With ``PDL`` the align op's outputs are read before waiting for the previous kernel: that kernel
     waited for them before it let this one launch. With ``OVERLAP_SHRINK`` (after the shrink kernel)
@@ -276,7 +332,10 @@ def _down_kernel(
             w2_ptr, expert, offs_n, pid_n * BLOCK_N, k0, k, n_mask, k_mask, hidden,
             stride_w_e, stride_w_n, stride_w_k, TMA,
         )  # fmt: skip
-        acc += tl.dot(hs, w, input_precision=PRECISION)
+        acc = _scaled_dot(
+            acc, hs, w, w2_scale_ptr, expert, offs_n, k0, k, n_mask, k_mask,
+            stride_ws_e, stride_ws_n, stride_ws_k, PRECISION, SCALE, SCALE_BN, SCALE_BK,
+        )  # fmt: skip
     if HAS_LORA:
         if OVERLAP_SHRINK:
             wait_for_previous_kernel(PDL)
@@ -311,10 +370,12 @@ def fused_experts_triton(
     options: ExpertOptions,
     config: LaunchConfig,
     out: torch.Tensor | None = None,
+    scales: WeightScales | None = None,
 ) -> torch.Tensor:
     """Runs the kernels (align, [shrink], gate_up, [shrink], down, top-k sum) of
     ``moe_lora::fused_experts``; tensors as ``fused_experts`` takes them (already validated), the
-    op's other arguments in ``options``.
+    op's other arguments in ``options``; ``scales`` for FP8 ``w13``/``w2`` (dequantized tile by tile
+    in the GEMMs' K loops).
 
     ``config`` is the call's launch config; ``out`` an optional ``[T, H]`` output buffer. All
     buffers are sized from static bounds; nothing here reads device data on the host.
@@ -380,29 +441,35 @@ def fused_experts_triton(
     w2_desc = weight_descriptor(w2, down_tiles.block_n, down_tiles.block_k) if tma else None
     tma = w13_desc is not None and w2_desc is not None
     tiles = gate_up_tiles
+    w13_scale, gate_up_scaling = _scaling(scales, 0, tiles.block_k, dummy)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, tiles.block_n),)](
-        x, w13_desc if tma else w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h,
+        x, w13_desc if tma else w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h, w13_scale,
         *rows, num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
         float(options.swiglu_alpha), float(options.swiglu_limit),
-        *x.stride(), *w13.stride(), *(w13_bias.stride() if w13_bias is not None else (0, 0)),
+        *x.stride(), *w13.stride(), *_strides(w13_scale, scales),
+        *(w13_bias.stride() if w13_bias is not None else (0, 0)),
         *s1.stride(), *gate_up_b.stride(), *h.stride(),
         GATED=options.gated, INTERLEAVED=options.interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=options.weight_on_input,
         ACTIVATION=ACTIVATION_CODES[options.activation], PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **launch_options(tiles, pdl),
+        PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **gate_up_scaling,
+        **launch_options(tiles, pdl),
     )  # fmt: skip
     if has_lora:
         _shrink(h, down_a, down_scale, s2, *shrink, by_token=False, tiles=config.shrink, pdl=pdl)
     tiles = down_tiles
+    w2_scale, down_scaling = _scaling(scales, 1, tiles.block_k, dummy)
     _down_kernel[(max_blocks * triton.cdiv(hidden, tiles.block_n),)](
-        h, w2_desc if tma else w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y,
+        h, w2_desc if tma else w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y, w2_scale,
         *rows, num_pairs, top_k, num_experts, hidden, inter, down_rank, max_blocks,
-        *h.stride(), *w2.stride(), *(w2_bias.stride() if w2_bias is not None else (0, 0)),
+        *h.stride(), *w2.stride(), *_strides(w2_scale, scales),
+        *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *s2.stride(), *down_b.stride(), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=options.weight_on_input, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **launch_options(tiles, pdl),
+        PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **down_scaling,
+        **launch_options(tiles, pdl),
     )  # fmt: skip
     sum_tiles = config.sum
     sum_topk_kernel[(num_tokens, triton.cdiv(hidden, sum_tiles.block_n))](
@@ -410,6 +477,22 @@ def fused_experts_triton(
         BLOCK_N=sum_tiles.block_n, num_warps=sum_tiles.num_warps, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out
+
+
+def _scaling(scales: WeightScales | None, which: int, block_k: int, dummy: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The scale tensor (float32) of weight ``which`` (0: w13, 1: w2) and the GEMM kernel's scale
+    switches: ``SCALE`` 0 for weights in x's dtype, 1 where the K tile lies inside one scale block
+    (one scale per row of the tile), else 2 (one per element)."""
+    if scales is None:
+        return dummy, dict(SCALE=0, SCALE_BN=1, SCALE_BK=1)
+    scale = scales[which]
+    scale = scale if scale.dtype == torch.float32 else scale.float()  # UE8M0: powers of two, exact in float32
+    mode = 1 if scales.block_k % block_k == 0 else 2
+    return scale, dict(SCALE=mode, SCALE_BN=scales.block_n, SCALE_BK=scales.block_k)
+
+
+def _strides(scale: torch.Tensor, scales: WeightScales | None) -> tuple[int, int, int]:
+    return scale.stride() if scales is not None else (0, 0, 0)
 
 
 def _shrink(
