@@ -1,5 +1,6 @@
 """Launches every CUDA align path, fused_experts calls (sorted and pair blocks, one shrink program
-per slot or per sub-block, weight tiles through pointers or tensor descriptors) and add_lora_linear
+per slot or per sub-block, weight tiles through pointers or tensor descriptors, FP8 weights with a
+scale per tile row and per element) and add_lora_linear
 calls (one token per row and rows of several tokens, odd widths, slots without tokens), for
 compute-sanitizer (GPU only).
 
@@ -17,13 +18,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import REL_TOL, assert_aligned, make_problem  # noqa: E402
+from utils import REL_TOL, assert_aligned, make_problem, quantize  # noqa: E402
 
-from torch_moe_lora import add_lora_linear, fused_experts, slot_segments  # noqa: E402
+from torch_moe_lora import WeightScales, add_lora_linear, fused_experts, slot_segments  # noqa: E402
 from torch_moe_lora.ops.align import align_block_size  # noqa: E402
 from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
-from torch_moe_lora.reference import align_block_size_ref, fused_experts_ref, lora_linear_ref  # noqa: E402
+from torch_moe_lora.reference import (  # noqa: E402
+    align_block_size_ref, dequantize_blocks_ref, fused_experts_ref, lora_linear_ref,
+)  # fmt: skip
 
 ALIGN_CASES = {  # name: (T, K, E, L, block_size)
     "single block, shared counters": (64, 8, 128, 8, 16),
@@ -71,6 +74,28 @@ def check_fused_experts() -> None:
             print(f"fused_experts ok: T={T}, {what}, relative error {rel:.2e}")
 
 
+def check_fp8_experts() -> None:
+    """FP8 weights: blocks of 128 (a scale per tile row) and of 24 x 20 (a scale per element), sorted
+    and pair blocks, pointers and tensor descriptors."""
+    for T, block in ((3, (128, 128)), (700, (24, 20))):
+        p = make_problem(T=T, H=64, I=48, E=8, K=2, L=3, R=8, dtype=torch.float16)
+        (w13, s13), (w2, s2) = quantize(p.w13, *block), quantize(p.w2, *block)
+        ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, dequantize_blocks_ref(w13, s13, block),
+                                dequantize_blocks_ref(w2, s2, block), **p.kwargs())  # fmt: skip
+        p, w13, w2 = p.to("cuda"), w13.cuda(), w2.cuda()
+        scales = WeightScales(s13.cuda(), s2.cuda(), *block)
+        config = launch_config(p.x, p.topk_ids, w2)
+        for what, changes in {"launch config": {}, "pair blocks": dict(pair_blocks=True), "tensor descriptors":
+                              dict(tma=True)}.items():  # fmt: skip
+            out = fused_experts_triton(
+                p.x, p.topk_ids, p.topk_weights, w13, w2, token_lora=p.token_lora, lora=p.lora,
+                options=ExpertOptions(), config=dataclasses.replace(config, **changes), scales=scales,
+            )  # fmt: skip
+            rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+            assert rel <= REL_TOL[torch.float16], (what, block, rel)
+            print(f"fp8 fused_experts ok: T={T}, block {block}, {what}, relative error {rel:.2e}")
+
+
 def check_lora_linear() -> None:
     """Per-token LoRA on a linear: decode- and prefill-sized calls, rows of one and of several
     tokens, ranks below a tile and above one, widths that are not multiples of a tile."""
@@ -93,5 +118,6 @@ def check_lora_linear() -> None:
 if __name__ == "__main__":
     check_align()
     check_fused_experts()
+    check_fp8_experts()
     check_lora_linear()
     torch.cuda.synchronize()
