@@ -9,9 +9,7 @@ a benchmark wrote gets a PNG of the same name beside it:
 * ``lora_linear.json`` (``bench_lora_linear.py``): the LoRA time (with it minus without) of
   ``add_lora_linear`` and of the all-slots formulation, and the LoRA roofline, per batch;
 * ``e2e.json`` (``bench_e2e.py``): generated tokens per second of each setup, a panel per model,
-  the bars grouped by static batch size and by continuous-batching workload;
-* ``e2e_*.json`` (the older ``bench_e2e.py`` of a few Qwen3-30B-A3B layers): tokens per second of
-  each setup.
+  the bars grouped by static batch size and by continuous-batching workload.
 
     python benchmarks/plot.py [benchmarks/results/<gpu> ...]
 """
@@ -127,26 +125,11 @@ def plot_e2e(result: dict):
     return fig
 
 
-def plot_e2e_layers(result: dict):
-    rows = result["rows"]
-    setup = result["args"]
-    fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.8))
-    ax.barh([r["setup"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1])
-    ax.set_xlabel("generated tokens per second")
-    ax.set_title(
-        f"{result['device']}: {setup['layers']} Qwen3-30B-A3B layers, batch {setup['batch']},\n"
-        f"{setup['new_tokens']} new tokens, adapters of rank {setup['rank']}"
-    )
-    ax.grid(alpha=0.3, axis="x")
-    return fig
-
-
 PLOTS = {
     "fused_experts*.json": plot_fused_experts,
     "parallel.json": plot_parallel,
     "lora_linear.json": plot_lora_linear,
     "e2e.json": plot_e2e,
-    "e2e_*.json": plot_e2e_layers,
 }
 """The results each plot draws, by file-name pattern."""
 
