@@ -38,15 +38,21 @@ RANKS = (16, 64)
 SCENARIOS = ("uniform1", "uniform4", "uniform16", "one", "half_none")
 
 
+def sort_by_expert(x, topk_ids, num_experts):
+    """``(order, xs, offsets)``: the (token, k) pairs in expert order, ``x``'s row of each, and the
+    int32 end offset of each expert's rows (what ``torch._grouped_mm`` takes)."""
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).int()
+    return order, x[order // topk_ids.shape[1]], offsets
+
+
 def torch_baseline(x, topk_ids, topk_weights, w13, w2, token_lora, lora):
     """Experts through ``torch._grouped_mm`` and LoRA through one grouped_mm pair per adapter present."""
     num_tokens, top_k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    expert_sorted = flat[order]
-    offsets = torch.bincount(expert_sorted, minlength=num_experts).cumsum(0).int()
-    xs = x[order // top_k]
+    order, xs, offsets = sort_by_expert(x, topk_ids, num_experts)
+    expert_sorted = topk_ids.reshape(-1).long()[order]
     gate_up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)
     slot_sorted = token_lora.long()[order // top_k]
     groups = []
@@ -75,17 +81,8 @@ GROUPED_MM_TOKENS = 1024
 """Token counts from which the table has the ``grouped_mm`` base column."""
 
 
-def sorted_rows(x, topk_ids, num_experts):
-    """The rows ``grouped_mm_base`` reads: ``x``'s row of every (token, expert) pair in expert order,
-    and the int32 end offset of each expert's rows."""
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).int()
-    return x[order // topk_ids.shape[1]], offsets
-
-
 def grouped_mm_base(xs, offsets, w13, w2):
-    """The base experts of rows sorted by expert (``sorted_rows``) through ``torch._grouped_mm``:
+    """The base experts of rows sorted by expert (``sort_by_expert``) through ``torch._grouped_mm``:
     ``silu(gate) * up`` of ``xs @ w13[e]^T``, then ``@ w2[e]^T``; per pair, not weighted or summed."""
     inter = w2.shape[2]
     gate_up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)
@@ -120,19 +117,20 @@ def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloa
         inputs = [random_tokens(shape, num_tokens, dtype) for _ in range(rotations)]
         grouped_ms = None
         if num_tokens >= GROUPED_MM_TOKENS:
-            grouped = [sorted_rows(x, topk_ids, num_experts) for x, topk_ids, _ in inputs]
+            grouped = [sort_by_expert(x, topk_ids, num_experts)[1:] for x, topk_ids, _ in inputs]
             grouped_ms = time_graph([lambda g=g: grouped_mm_base(*g, w13, w2) for g in grouped])
             del grouped
         base_flops = 2 * num_tokens * top_k * 3 * hidden * inter
         for rank in ranks:
             lora = random_lora(NUM_SLOTS, num_experts, hidden, inter, rank, dtype)
             none = token_mapping(num_tokens, "none", NUM_SLOTS)
-            base_ms = time_graph([lambda i=i: fused_experts(*i, w13, w2, token_lora=none, lora=lora) for i in inputs])
+            base_ms = time_graph(
+                [lambda i=i: fused_experts(*i, w13, w2, token_lora=none, lora=lora) for i in inputs]
+            )
             for scenario in scenarios:
                 mappings = [token_mapping(num_tokens, scenario, NUM_SLOTS) for _ in inputs]
                 calls = [
-                    lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora)
-                    for i, m in zip(inputs, mappings)
+                    lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora) for i, m in zip(inputs, mappings)
                 ]
                 ours_ms = time_graph(calls)
                 baseline_ms = time_eager(
@@ -167,15 +165,12 @@ HEADER = (
 
 def format_row(r):
     share = r["lora_byte_share"] if r["T"] < 4096 else r["lora_flop_share"]
+    grouped = r.get("grouped_mm_base_ms")
+    grouped = "" if grouped is None else f"{grouped:>11.4f}{r['base_vs_grouped_mm']:>6.2f}x"
     return (
         f"{r['shape']:<17}{r['T']:>6}{r['rank']:>4} {r['scenario']:<10}{r['ours_ms']:>9.4f}{r['ours_no_lora_ms']:>9.4f}"
         f"{r['baseline_ms']:>10.4f}{r['roofline_ms']:>9.4f}{r['pct_roofline']:>6.1f}%{100 * r['lora_overhead']:>8.1f}%"
-        f"{100 * share:>6.1f}%{r['speedup_vs_baseline']:>7.2f}x"
-        + (
-            ""
-            if r.get("grouped_mm_base_ms") is None
-            else f"{r['grouped_mm_base_ms']:>11.4f}{r['base_vs_grouped_mm']:>6.2f}x"
-        )
+        f"{100 * share:>6.1f}%{r['speedup_vs_baseline']:>7.2f}x{grouped}"
     )
 
 

@@ -43,7 +43,7 @@ def quantized_models(family: str):
             target = getattr(plain.experts, name)
             with torch.no_grad():
                 target.copy_(real.transpose(1, 2) if plain.spec.transposed else real)
-        setattr(block.block, "experts", new)
+        setattr(block.block, block.family.experts_attr, new)
     return model.eval(), dequantized.eval()
 
 

@@ -28,6 +28,7 @@ import transformers.activations as hf_activations
 import transformers.integrations.moe as hf_moe
 from torch import nn
 
+from .ops.checks import FLOAT_DTYPES
 from .ops.fused_experts import FP8_DTYPES, WeightScales
 from .reference import ACTIVATIONS
 
@@ -305,7 +306,7 @@ class MoEBlock(NamedTuple):
             return self.spec.w13(self.experts).dtype
         router = getattr(self.block, self.family.router_attr, None)
         weight = getattr(router, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES:
             return weight.dtype
         raise NotImplementedError(
             f"{self.name}: FP8 experts whose router ({self.family.router_attr}) has no float weight; the LoRA tables' "
@@ -382,7 +383,7 @@ def _quantized_names(experts: nn.Module, w13_name: str) -> dict:
     """The scale names of FP8 experts (empty for weights in a float dtype); raises NotImplementedError
     for a quantized layout the op cannot run."""
     cls, weight = type(experts).__name__, getattr(experts, w13_name)
-    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if weight.dtype in FLOAT_DTYPES:
         return {}
     if weight.dtype not in FP8_DTYPES:
         raise NotImplementedError(
@@ -401,9 +402,7 @@ def _quantized_names(experts: nn.Module, w13_name: str) -> dict:
 def _interface_spec(experts: nn.Module) -> ExpertsSpec:
     cls = type(experts).__name__
     if getattr(experts, "has_post_expert_norm", False):
-        raise NotImplementedError(
-            f"{cls}: experts with a post-expert norm (has_post_expert_norm=True) are not supported"
-        )
+        raise NotImplementedError(f"{cls}: experts with a post-expert norm (has_post_expert_norm=True) are not supported")
     w13_name = "gate_up_proj" if experts.has_gate else "up_proj"
     names = dict(
         w13_name=w13_name,
@@ -561,4 +560,6 @@ def legacy_expert_target(family: MoEFamily | str, module_name: str) -> LegacyTar
     )
     if match is None:
         return None
-    return LegacyTarget(match["prefix"] + family.block_attr, int(match["expert"]), family.legacy.roles[match["proj"]])
+    return LegacyTarget(
+        match["prefix"] + family.block_attr, int(match["expert"]), family.legacy.roles[match["proj"]]
+    )

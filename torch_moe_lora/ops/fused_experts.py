@@ -82,14 +82,6 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, block_n: int, b
     return out.to(dtype)
 
 
-def dequantize_experts(w13, w2, scales: WeightScales, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both expert weights dequantized to ``dtype``."""
-    block = (scales.block_n, scales.block_k)
-    return dequantize_weight(w13, scales.w13_scale, *block, dtype), dequantize_weight(
-        w2, scales.w2_scale, *block, dtype
-    )
-
-
 def _check_weight_scales(w13, w2, scales: WeightScales | None, x_dtype, inter: int) -> None:
     """Weights in x's dtype with no scales, or both FP8 with both scales of the right shapes."""
     quantized = [t.dtype in FP8_DTYPES for t in (w13, w2)]
@@ -196,12 +188,7 @@ def check_fused_experts_args(
         if gate_up_a.dim() != 4:
             raise ValueError(f"fused_experts: gate_up_a must be [L, E, Ra, H], got {spelled_shape(gate_up_a)}")
         L, R = gate_up_a.shape[0], gate_up_b.shape[-1] if gate_up_b.dim() == 4 else -1
-        _expect_shape(
-            "gate_up_b",
-            gate_up_b,
-            (L, E, rows13, None),
-            f"[L, E, {'2I' if gated else 'I'}, R] = [{L}, {E}, {rows13}, R]",
-        )
+        _expect_shape("gate_up_b", gate_up_b, (L, E, rows13, None), f"[L, E, {'2I' if gated else 'I'}, R] = [{L}, {E}, {rows13}, R]")
         shrink = gate_up_a.shape[2]
         if shrink != R and not (gated and shrink == 2 * R):
             raise ValueError(
@@ -279,7 +266,9 @@ def _fused_experts_op(
     scales = _weight_scales(w13_scale, w2_scale, block_n, block_k)
     check_fused_experts_args(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options, scales=scales)
     if scales is not None:
-        w13, w2 = dequantize_experts(w13, w2, scales, torch.float32)
+        block = (scales.block_n, scales.block_k)
+        w13 = dequantize_weight(w13, scales.w13_scale, *block, torch.float32)
+        w2 = dequantize_weight(w2, scales.w2_scale, *block, torch.float32)
     return fused_experts_torch(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
 
 
@@ -361,7 +350,9 @@ def fused_experts_torch(
 
     expert_of_pair = topk_ids.reshape(-1).long()
     valid = (expert_of_pair >= 0) & (expert_of_pair < num_experts)
-    slot_of_pair = token_lora.long().repeat_interleave(top_k) if has_lora else torch.full_like(expert_of_pair, -1)
+    slot_of_pair = (
+        token_lora.long().repeat_interleave(top_k) if has_lora else torch.full_like(expert_of_pair, -1)
+    )
     # Key (expert, slot) with slot -1 stored as num_slots; invalid pairs sort last and are not counted.
     num_keys = num_experts * (num_slots + 1)
     slot_key = torch.where(slot_of_pair < 0, num_slots, slot_of_pair)

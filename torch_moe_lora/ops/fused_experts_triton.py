@@ -150,16 +150,14 @@ def _scaled_dot(acc, xs, w, s_ptr, expert, rows, k0, k, row_mask, k_mask, stride
     times their block scales (``_weight_scale``), the tile converted to x's dtype for the dot."""
     if SCALE == 0:
         acc += tl.dot(xs, w, input_precision=PRECISION)
-    elif SCALE == 1:
-        scale = _weight_scale(
-            s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k, SCALE, SCALE_BN, SCALE_BK
-        )
-        acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
     else:
         scale = _weight_scale(
             s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k, SCALE, SCALE_BN, SCALE_BK
         )
-        acc += tl.dot(xs, (w.to(tl.float32) * scale).to(xs.dtype), input_precision=PRECISION)
+        if SCALE == 1:
+            acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
+        else:
+            acc += tl.dot(xs, (w.to(tl.float32) * scale).to(xs.dtype), input_precision=PRECISION)
     return acc
 
 
