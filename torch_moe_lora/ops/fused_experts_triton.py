@@ -126,38 +126,25 @@ def _weight_tile(
 
 
 @triton.jit
-def _weight_scale(
-    s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k,
-    SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-):  # fmt: skip
-    """The float32 block scales of an FP8 weight tile ``w[expert, rows, k]^T``: with ``SCALE == 1``
-    (the K tile inside one scale block) one per row, ``[BLOCK_N]``, which multiplies the tile's dot
-    product; with ``SCALE == 2`` one per element, ``[BLOCK_K, BLOCK_N]``, which multiplies the tile."""
-    base = s_ptr + expert * stride_s_e
-    if SCALE == 1:
-        return tl.load(base + (rows // SCALE_BN) * stride_s_n + (k0 // SCALE_BK) * stride_s_k, mask=row_mask, other=0.0)
-    return tl.load(
-        base + (rows // SCALE_BN)[None, :] * stride_s_n + (k // SCALE_BK)[:, None] * stride_s_k,
-        mask=row_mask[None, :] & k_mask[:, None],
-        other=0.0,
-    )
-
-
-@triton.jit
 def _scaled_dot(acc, xs, w, s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k,
                 PRECISION: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):  # fmt: skip
     """``acc + xs @ w`` for a tile of weights in x's dtype (``SCALE == 0``), or of FP8 weights
-    times their block scales (``_weight_scale``), the tile converted to x's dtype for the dot."""
+    ``w[expert, rows, k]^T`` times their float32 block scales, the tile converted to x's dtype for
+    the dot: with ``SCALE == 1`` (the K tile inside one scale block) one scale per row, which
+    multiplies the tile's dot product; with ``SCALE == 2`` one per element, which multiplies the
+    tile. (Each branch loads its own scales: a helper returning either shape does not compile.)"""
     if SCALE == 0:
         acc += tl.dot(xs, w, input_precision=PRECISION)
+    elif SCALE == 1:
+        scale = tl.load(s_ptr + expert * stride_s_e + (rows // SCALE_BN) * stride_s_n + (k0 // SCALE_BK) * stride_s_k, mask=row_mask, other=0.0)
+        acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
     else:
-        scale = _weight_scale(
-            s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k, SCALE, SCALE_BN, SCALE_BK
+        scale = tl.load(
+            s_ptr + expert * stride_s_e + (rows // SCALE_BN)[None, :] * stride_s_n + (k // SCALE_BK)[:, None] * stride_s_k,
+            mask=row_mask[None, :] & k_mask[:, None],
+            other=0.0,
         )
-        if SCALE == 1:
-            acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
-        else:
-            acc += tl.dot(xs, (w.to(tl.float32) * scale).to(xs.dtype), input_precision=PRECISION)
+        acc += tl.dot(xs, (w.to(tl.float32) * scale).to(xs.dtype), input_precision=PRECISION)
     return acc
 
 
@@ -431,8 +418,10 @@ def fused_experts_triton(
         gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
     smem = shared_memory_limit(x.device)
     b_tiles = 2 if options.gated else 1
-    gate_up_tiles = fit_shared_memory(config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem)
-    down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem)
+    gate_up_tiles = fit_shared_memory(
+        config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales)
+    )
+    down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales))
     overlap_shrink = pdl and has_lora and config.overlap_shrink
     tma = config.tma and not options.interleaved and supports_tma(x.device)
     w13_desc = weight_descriptor(w13, gate_up_tiles.block_n, gate_up_tiles.block_k) if tma else None
@@ -485,8 +474,19 @@ def _scaling(scales: WeightScales | None, which: int, block_k: int, dummy: torch
         return dummy, dict(SCALE=0, SCALE_BN=1, SCALE_BK=1)
     scale = scales[which]
     scale = scale if scale.dtype == torch.float32 else scale.float()  # UE8M0: powers of two, exact in float32
-    mode = 1 if scales.block_k % block_k == 0 else 2
-    return scale, dict(SCALE=mode, SCALE_BN=scales.block_n, SCALE_BK=scales.block_k)
+    return scale, dict(SCALE=_scale_mode(scales, block_k), SCALE_BN=scales.block_n, SCALE_BK=scales.block_k)
+
+
+def _scale_mode(scales: WeightScales, block_k: int) -> int:
+    return 1 if scales.block_k % block_k == 0 else 2
+
+
+def _weight_bytes(w: torch.Tensor, scales: WeightScales | None):
+    """Shared-memory bytes per weight element of a GEMM's K tile of ``block_k`` (for
+    ``fit_shared_memory``): the weight's, plus a float32 scale per element in ``_scaling``'s mode 2."""
+    if scales is None:
+        return None
+    return lambda block_k: w.element_size() + (4 if _scale_mode(scales, block_k) == 2 else 0)
 
 
 def _strides(scale: torch.Tensor, scales: WeightScales | None) -> tuple[int, int, int]:

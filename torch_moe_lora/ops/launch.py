@@ -16,19 +16,23 @@ def launch_options(tiles, pdl: bool) -> dict:
     return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, PDL=pdl, launch_pdl=pdl)
 
 
-def fit_shared_memory(tiles, block_m: int, b_cols: int, element_size: int, limit: int | None):
+def fit_shared_memory(tiles, block_m: int, b_cols: int, element_size: int, limit: int | None, b_element_size=None):
     """``tiles`` (with ``num_stages`` and ``block_k``) with fewer pipeline stages, then a smaller K
     tile, until one kernel's tiles fit ``limit`` bytes.
 
     Tuned configs are for 16-bit operands; float32 doubles the bytes of every stage. Each stage
-    holds one ``[block_m, block_k]`` A tile and ``[block_k, b_cols]`` of B tiles.
+    holds one ``[block_m, block_k]`` A tile of ``element_size`` bytes an element and ``[block_k,
+    b_cols]`` of B tiles of ``b_element_size(block_k)`` bytes (default ``element_size``; FP8 weights
+    with a float32 scale per element take 1 + 4). Triton keeps ``num_stages - 1`` stages in shared
+    memory; counting ``num_stages`` leaves room for its other buffers.
     """
     if limit is None:
         return tiles
     num_stages, block_k = tiles.num_stages, tiles.block_k
+    b_bytes = b_element_size or (lambda _: element_size)
 
     def need() -> int:
-        return num_stages * block_k * (block_m + b_cols) * element_size
+        return num_stages * block_k * (block_m * element_size + b_cols * b_bytes(block_k))
 
     while need() > limit and num_stages > 2:
         num_stages -= 1
