@@ -16,5 +16,8 @@ $(STAMP): requirements-ci.txt setup.py $(wildcard csrc/*)
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
+# Two pytest-xdist workers: the CI machine's two cores (WORKERS=0 runs the tests in one process).
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(WORKERS) tests
