@@ -125,3 +125,9 @@ def test_linear_lora_configs_parse_and_pick_by_token_count():
     with pytest.raises(ValueError, match=r"x.json, bucket 8: unknown key 'expand.block_n'"):
         bad = {"block_m": 16, "shrink": {"block": 64, "num_warps": 4, "num_stages": 2}, "expand": {"block_n": 64}}
         parse_buckets({"8": bad}, "x.json", LinearLoRAConfig)
+    split = {"block_m": 16, "shrink": {"block": 64, "num_warps": 4, "num_stages": 2},
+             "expand": {"block": 64, "num_warps": 4, "num_stages": 1}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"x.json, bucket 8: k_per_program 96 must be a multiple of shrink.block 64"):
+        parse_buckets({"8": {**split, "k_per_program": 96}}, "x.json", LinearLoRAConfig)
+    config = parse_buckets({"8": {**split, "k_per_program": 128}}, "x.json", LinearLoRAConfig)[8]
+    assert [config.shrink_splits(n) for n in (1, 128, 129, 2048)] == [1, 1, 2, 16]

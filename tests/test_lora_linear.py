@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from utils import HAS_CUDA, assert_close_verbose, interpreted_examples, requires_cuda
 
 from torch_moe_lora import add_lora_linear, slot_segments
+from torch_moe_lora.configs import LinearLoRAConfig, LinearLoRATiles
 from torch_moe_lora.ops.lora_linear import add_lora_linear_torch, add_lora_linear_triton
 from torch_moe_lora.reference import lora_linear_ref
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float32, torch.float16)
-IMPLEMENTATIONS = {"torch": add_lora_linear_torch, "triton": add_lora_linear_triton}
+IMPLEMENTATIONS = ("torch", "triton")
 
 
 def make_case(rows, tokens_per_row, slots, rank, in_features, out_features, dtype, device, seed, row_slot=None):
@@ -41,13 +42,31 @@ def make_case(rows, tokens_per_row, slots, rank, in_features, out_features, dtyp
     return dict(x=cast(x), a=cast(a), b=cast(b), scale=scale.to(device), row_slot=row_slot.to(device), base=cast(base))
 
 
-def run(implementation, case, a=None, b=None, scale=None):
+def run(implementation, case, a=None, b=None, scale=None, config=None):
     out = case["base"].clone()
     row_order, slot_row_start = slot_segments(case["row_slot"], case["a"].shape[0])
     a, b = case["a"] if a is None else a, case["b"] if b is None else b
     scale = case["scale"] if scale is None else scale
-    IMPLEMENTATIONS[implementation](out, case["x"], row_order, slot_row_start, a, b, scale)
+    args = (out, case["x"], row_order, slot_row_start, a, b, scale)
+    if implementation == "triton":
+        add_lora_linear_triton(*args, config=config)
+    else:
+        add_lora_linear_torch(*args)
     return out
+
+
+@st.composite
+def linear_configs(draw):
+    """Launch configs of the Triton kernels: small tiles, so that the cases' few tokens and input
+    features span several blocks, column tiles and shrink splits (``k_per_program``)."""
+    block_k = draw(st.sampled_from([16, 32]))
+    tiles = lambda block: LinearLoRATiles(block=block, num_warps=draw(st.sampled_from([1, 4])), num_stages=draw(st.sampled_from([1, 2])))  # noqa: E731
+    return LinearLoRAConfig(
+        block_m=draw(st.sampled_from([16, 32])),
+        shrink=tiles(block_k),
+        expand=tiles(draw(st.sampled_from([16, 64]))),
+        k_per_program=draw(st.sampled_from([None, block_k, 2 * block_k])),
+    )
 
 
 def expected(case):
@@ -71,10 +90,10 @@ def cases(draw, dtypes):
     )
 
 
-def check_matches_reference(implementation, case):
+def check_matches_reference(implementation, case, config=None):
     if implementation == "torch":
         case = {k: v.cpu() for k, v in case.items()}
-    out = run(implementation, case)
+    out = run(implementation, case, config=config)
     assert_close_verbose(out, expected(case), case["x"].dtype, f"add_lora_linear {implementation}")
     tokens_per_row = case["x"].shape[0] // case["row_slot"].shape[0]
     untouched = (case["row_slot"] < 0).repeat_interleave(tokens_per_row)
@@ -87,9 +106,9 @@ def test_torch_matches_reference(case):
 
 
 @interpreted_examples(100)  # interpreted: 30-130 ms an example: 7-10 s on 2 CPU cores
-@given(case=cases(TRITON_DTYPES))
-def test_triton_matches_reference(case):
-    check_matches_reference("triton", case)
+@given(case=cases(TRITON_DTYPES), config=linear_configs())
+def test_triton_matches_reference(case, config):
+    check_matches_reference("triton", case, config)
 
 
 POISONS = {
@@ -109,8 +128,9 @@ def check_poisoned_slot_changes_no_other_row(implementation, data, poison):
         case = {k: v.cpu() for k, v in case.items()}
     slots = case["a"].shape[0]
     victim = torch.tensor([data.draw(st.integers(0, slots - 1))], device=case["a"].device)
-    clean = run(implementation, case)
-    poisoned = run(implementation, case, *POISONS[poison](case["a"], case["b"], case["scale"], victim))
+    config = data.draw(linear_configs()) if implementation == "triton" else None
+    clean = run(implementation, case, config=config)
+    poisoned = run(implementation, case, *POISONS[poison](case["a"], case["b"], case["scale"], victim), config=config)
     tokens_per_row = case["x"].shape[0] // case["row_slot"].shape[0]
     others = (case["row_slot"] != victim).repeat_interleave(tokens_per_row)
     assert torch.equal(poisoned[others], clean[others]), f"{poison} in slot {victim.item()} reached other rows"

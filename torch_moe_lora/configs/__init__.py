@@ -143,11 +143,25 @@ class LinearLoRAConfig(_Checked):
     """Tiles of the shrink kernel (``u = scale * x A^T``)."""
     expand: LinearLoRATiles
     """Tiles of the expand kernel (``out += u B^T``)."""
+    k_per_program: int | None = None
+    """Input features one shrink program sums over, a multiple of ``shrink.block``: a block's
+    ``cdiv(in, k_per_program)`` programs each write their partial sums and the expand adds them, in
+    a fixed order (decode, where a block's loop over all the features is latency-bound). None: one
+    program per block takes all of them."""
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "launch config") -> "LinearLoRAConfig":
         """Parses a JSON object; raises ``ValueError``/``TypeError`` naming ``where`` and the key."""
         return _parse(cls, data, where, "")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.k_per_program is not None and self.k_per_program % self.shrink.block != 0:
+            raise ValueError(f"k_per_program {self.k_per_program} must be a multiple of shrink.block {self.shrink.block}")
+
+    def shrink_splits(self, in_features: int) -> int:
+        """Shrink programs per block for ``in_features`` input features."""
+        return 1 if self.k_per_program is None else max(1, -(-in_features // self.k_per_program))
 
 
 _POWERS_OF_TWO = {"block_m", "sub_m", "block_n", "block_k", "block", "max_block_r", "num_warps"}

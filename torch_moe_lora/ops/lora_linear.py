@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import get_linear_lora_config
+from ..configs import LinearLoRAConfig, get_linear_lora_config
 from .checks import FLOAT_DTYPES, INDEX_DTYPES, spelled_shape
 from .launch import dot_precision, rank_block
 
@@ -95,12 +95,14 @@ def _block_tokens(start, end, row_order_ptr, num_rows, tokens_per_row, BLOCK_M: 
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, scale_ptr, u_ptr, row_order_ptr, slot_row_start_ptr,
-    num_slots, num_rows, tokens_per_row, in_features, rank,
-    stride_x_m, stride_x_k, stride_a_l, stride_a_r, stride_a_k, stride_u_m, stride_u_r,
+    num_slots, num_rows, tokens_per_row, in_features, rank, k_per_program,
+    stride_x_m, stride_x_k, stride_a_l, stride_a_r, stride_a_k, stride_u_s, stride_u_m, stride_u_r,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """``u[pos] = scale[slot] * x[token(pos)] @ a[slot]^T`` for the tokens of one block (one slot)."""
+    """``u[split, pos] = scale[slot] * x[token(pos), K] @ a[slot, :, K]^T`` for the tokens of one
+    block (one slot) and the input features ``K`` of split ``program_id(1)`` (``k_per_program`` of
+    them from ``split * k_per_program``)."""
     slot, start, end = _block_segment(
         tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M, BLOCK_L
     )
@@ -112,13 +114,15 @@ def _shrink_kernel(
     x_rows = x_ptr + token[:, None] * stride_x_m
     a_rows = a_ptr + slot.to(tl.int64) * stride_a_l + offs_r[None, :] * stride_a_r
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
+    split = tl.program_id(1)
+    k_end = tl.minimum(in_features, (split + 1) * k_per_program)
+    for k0 in range(split * k_per_program, k_end, BLOCK_K):
         k = k0 + offs_k
-        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & (k[None, :] < in_features), other=0.0)
-        a = tl.load(a_rows + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < in_features), other=0.0)
+        xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & (k[None, :] < k_end), other=0.0)
+        a = tl.load(a_rows + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < k_end), other=0.0)
         acc += tl.dot(xs, a, input_precision=PRECISION)
     acc *= tl.load(scale_ptr + slot)
-    u = u_ptr + pos[:, None].to(tl.int64) * stride_u_m + offs_r[None, :] * stride_u_r
+    u = u_ptr + split * stride_u_s + pos[:, None].to(tl.int64) * stride_u_m + offs_r[None, :] * stride_u_r
     tl.store(u, acc.to(u_ptr.dtype.element_ty), mask=valid[:, None] & (offs_r[None, :] < rank))
 
 
@@ -126,11 +130,12 @@ def _shrink_kernel(
 def _expand_kernel(
     u_ptr, b_ptr, out_ptr, row_order_ptr, slot_row_start_ptr,
     num_slots, num_rows, tokens_per_row, out_features, rank,
-    stride_u_m, stride_u_r, stride_b_l, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
+    stride_u_s, stride_u_m, stride_u_r, stride_b_l, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
     EXPAND_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """``out[token(pos), n] += u[pos] @ b[slot, n]^T`` for one block and one column tile."""
+    """``out[token(pos), n] += (sum over splits of u[split, pos]) @ b[slot, n]^T`` for one block and
+    one column tile (the partial sums added in split order)."""
     slot, start, end = _block_segment(
         tl.program_id(0), slot_row_start_ptr, num_slots, num_rows, tokens_per_row, BLOCK_M, BLOCK_L
     )
@@ -141,11 +146,11 @@ def _expand_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = offs_r < rank
     n_mask = offs_n < out_features
-    u = tl.load(
-        u_ptr + pos[:, None].to(tl.int64) * stride_u_m + offs_r[None, :] * stride_u_r,
-        mask=valid[:, None] & r_mask[None, :],
-        other=0.0,
-    )
+    u_rows = u_ptr + pos[:, None].to(tl.int64) * stride_u_m + offs_r[None, :] * stride_u_r
+    u_mask = valid[:, None] & r_mask[None, :]
+    u = tl.load(u_rows, mask=u_mask, other=0.0)
+    for split in tl.static_range(1, SPLITS):
+        u += tl.load(u_rows + split * stride_u_s, mask=u_mask, other=0.0)
     b = tl.load(
         b_ptr + slot.to(tl.int64) * stride_b_l + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
         mask=n_mask[None, :] & r_mask[:, None],
@@ -159,30 +164,36 @@ def _expand_kernel(
     tl.store(out, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_lora_linear_triton(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
-    """Launches the shrink and expand kernels; arguments as ``moe_lora::add_lora_linear`` (checked)."""
+def add_lora_linear_triton(
+    out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale, config: LinearLoRAConfig | None = None
+) -> None:
+    """Launches the shrink and expand kernels; arguments as ``moe_lora::add_lora_linear`` (checked),
+    ``config`` the launch config (default: ``lora_linear.json``'s bucket of the token count)."""
     num_tokens, in_features = x.shape
     num_slots, rank, out_features = lora_a.shape[0], lora_a.shape[1], lora_b.shape[1]
     if num_tokens == 0 or rank == 0:
         return
-    cfg = get_linear_lora_config(num_tokens)
+    cfg = get_linear_lora_config(num_tokens) if config is None else config
     block_m, block_r, block_l = cfg.block_m, rank_block(rank), triton.next_power_of_2(num_slots)
     tokens_per_row = num_tokens // row_order.shape[0]
     # Blocks of one slot never hold another's tokens: at most one partial block per slot.
     grid_m = triton.cdiv(num_tokens, block_m) + num_slots
-    u = x.new_empty(num_tokens, rank, dtype=torch.float32)
+    splits = cfg.shrink_splits(in_features)
+    k_per_program = in_features if splits == 1 else cfg.k_per_program
+    u = x.new_empty(splits, num_tokens, rank, dtype=torch.float32)
     precision = dot_precision(x.dtype)
     segments = (row_order, slot_row_start, num_slots, row_order.shape[0], tokens_per_row)
     shrink, expand = cfg.shrink, cfg.expand
-    _shrink_kernel[(grid_m,)](
-        x, lora_a, lora_scale, u, *segments, in_features, rank, *x.stride(), *lora_a.stride(), *u.stride(),
+    _shrink_kernel[(grid_m, splits)](
+        x, lora_a, lora_scale, u, *segments, in_features, rank, k_per_program,
+        *x.stride(), *lora_a.stride(), *u.stride(),
         PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=shrink.block, BLOCK_L=block_l,
         num_warps=shrink.num_warps, num_stages=shrink.num_stages,
     )  # fmt: skip
     _expand_kernel[(grid_m, triton.cdiv(out_features, expand.block))](
         u, lora_b, out, *segments, out_features, rank, *u.stride(), *lora_b.stride(), *out.stride(),
         EXPAND_PRECISION=precision or "tf32", BLOCK_M=block_m, BLOCK_N=expand.block, BLOCK_R=block_r,
-        BLOCK_L=block_l,
+        BLOCK_L=block_l, SPLITS=splits,
         num_warps=expand.num_warps, num_stages=expand.num_stages,
     )  # fmt: skip
 
