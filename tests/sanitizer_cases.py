@@ -100,7 +100,7 @@ def check_lora_linear() -> None:
     """Per-token LoRA on a linear: decode- and prefill-sized calls, rows of one and of several
     tokens, ranks below a tile and above one, widths that are not multiples of a tile."""
     gen = torch.Generator().manual_seed(1)
-    for rows, tokens_per_row, slots, rank, n_in, n_out in ((3, 1, 4, 16, 200, 136), (7, 100, 6, 20, 520, 1030)):
+    for rows, tokens_per_row, slots, rank, n_in, n_out in ((3, 1, 4, 16, 200, 136), (5, 1, 4, 16, 1300, 136), (7, 100, 6, 20, 520, 1030), (7, 100, 6, 20, 2100, 72)):
         x = torch.randn(rows * tokens_per_row, n_in, generator=gen).half().cuda()
         a = (torch.randn(slots, rank, n_in, generator=gen) * n_in**-0.5).half().cuda()
         b = (torch.randn(slots, n_out, rank, generator=gen) * rank**-0.5).half().cuda()
