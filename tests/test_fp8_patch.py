@@ -10,41 +10,18 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from utils import ROWS, assert_rows_match, batch_ids, no_v4_renaming, quantize, tiny_model
+from utils import ROWS, assert_rows_match, batch_ids, fp8_models, no_v4_renaming, tiny_model
 
 from torch_moe_lora import patch_model
 from torch_moe_lora.models import find_moe_blocks
-from torch_moe_lora.reference import dequantize_blocks_ref
 
-fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
-from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+pytest.importorskip("transformers.integrations.finegrained_fp8")
 
 BLOCK = (16, 8)  # neither divides every tiny width: partial blocks on both axes
 
 
-def fp8_experts_class(has_gate: bool):
-    """The experts class transformers' FP8 quantizer puts in place of a model's experts."""
-    return use_experts_implementation(
-        experts_class=fp8.FP8Experts, experts_interface=fp8.ALL_FP8_EXPERTS_FUNCTIONS, has_gate=has_gate
-    )
-
-
 def quantized_models(family: str):
-    """(the tiny model with FP8 experts, the same model with those experts dequantized to float32)."""
-    model, dequantized = tiny_model(family), tiny_model(family)
-    for block, plain in zip(find_moe_blocks(model), find_moe_blocks(dequantized)):
-        experts = block.experts
-        new = fp8_experts_class(experts.has_gate)(experts.config, block_size=BLOCK)
-        for spec_weight, name in ((block.spec.w13(experts), "gate_up_proj"), (block.spec.w2(experts), "down_proj")):
-            weight, scale = quantize(spec_weight.detach(), *BLOCK, rows=2 if name == "gate_up_proj" else None)
-            setattr(new, name, torch.nn.Parameter(weight, requires_grad=False))
-            setattr(new, f"{name}_scale_inv", torch.nn.Parameter(scale, requires_grad=False))
-            real = dequantize_blocks_ref(weight, scale, BLOCK, torch.float32)
-            target = getattr(plain.experts, name)
-            with torch.no_grad():
-                target.copy_(real.transpose(1, 2) if plain.spec.transposed else real)
-        setattr(block.block, block.family.experts_attr, new)
-    return model.eval(), dequantized.eval()
+    return fp8_models(family, BLOCK)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])

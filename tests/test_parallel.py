@@ -20,6 +20,7 @@ from utils import (
     ROWS,
     assert_close_verbose,
     batch_ids,
+    fp8_models,
     legacy_adapter,
     make_peft_adapters,
     make_problem,
@@ -201,6 +202,50 @@ def test_expert_parallel_data_parallel_tokens(case, tmp_path):
     if case["L"] == 0:
         problem.topk_ids = problem.topk_ids.to(torch.int32)
     check_expert_parallel(problem, tmp_path, "gloo")
+
+
+FP8_BLOCK = (8, 8)  # Qwen3's tiny I = 16: each of two ranks keeps one block of gate, of up and of down columns
+
+
+def fp8_worker(rank: int, adapters: dict, init_file: str, out_dir: str) -> None:
+    """The FP8 tiny Qwen3 split over the group in each mode: logits, eager and compiled."""
+    init_group(rank, "gloo", init_file)
+    try:
+        results = {}
+        for mode in ("tensor", "expert"):
+            model, _ = fp8_models("qwen3_moe", FP8_BLOCK)
+            handle = patch_model(model, adapters, process_group=dist.group.WORLD, parallelism=mode)
+            torch._dynamo.reset()
+            results[mode] = run_batch(model, handle, generate=False)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp8_split_model_matches_unsplit(tmp_path):
+    """FP8 experts (``FP8Experts``) split over two ranks keep their scale blocks: every rank's logits
+    equal the unsplit FP8 model's, in tensor and in expert parallelism."""
+    pytest.importorskip("transformers.integrations.finegrained_fp8")
+    made = make_peft_adapters("qwen3_moe", tmp_path)
+    adapters = {name: path for name, (path, _) in made.items()}
+    model, _ = fp8_models("qwen3_moe", FP8_BLOCK)
+    torch._dynamo.reset()
+    ref_logits, _, _ = run_batch(model, patch_model(model, adapters), generate=False)
+    mp.spawn(fp8_worker, args=(adapters, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    scale = ref_logits.abs().max().item()
+    for rank in range(WORLD):
+        for mode, (logits, _, compiled) in torch.load(tmp_path / f"rank{rank}.pt").items():
+            for what, got in (("eager", logits), ("compiled", compiled)):
+                diff = (got - ref_logits).abs().max().item()
+                assert diff <= 1e-5 * scale, (mode, rank, what, diff, scale)
+
+
+def test_fp8_tensor_split_must_keep_whole_scale_blocks():
+    model, _ = fp8_models("qwen3_moe", (16, 8))
+    block = find_moe_blocks(model)[0]
+    with pytest.raises(ValueError, match=r"\(16 / 2 = 8\) to be whole blocks of the weight scales \(16 gate/up rows, 8"):
+        ExpertSharding("tensor", None, 0, 2).check(block)
+    ExpertSharding("expert", None, 0, 2).check(block)  # experts split whole, scales and all
 
 
 @requires_two_gpus

@@ -244,6 +244,33 @@ def quantize(weight: torch.Tensor, block_n: int, block_k: int, rows: int | None 
     return quantized, scale
 
 
+def fp8_models(family: str, block: tuple[int, int]):
+    """(the tiny model of ``family`` with its experts as transformers' ``FP8Experts``, quantized in
+    blocks ``block`` of (rows, columns), the same model with those experts dequantized to float32)."""
+    from transformers.integrations import finegrained_fp8 as fp8
+    from transformers.integrations.moe import use_experts_implementation
+
+    from torch_moe_lora.reference import dequantize_blocks_ref
+
+    model, dequantized = tiny_model(family), tiny_model(family)
+    for moe, plain in zip(find_moe_blocks(model), find_moe_blocks(dequantized)):
+        experts = moe.experts
+        cls = use_experts_implementation(
+            experts_class=fp8.FP8Experts, experts_interface=fp8.ALL_FP8_EXPERTS_FUNCTIONS, has_gate=experts.has_gate
+        )
+        new = cls(experts.config, block_size=block)
+        for spec_weight, name in ((moe.spec.w13(experts), "gate_up_proj"), (moe.spec.w2(experts), "down_proj")):
+            weight, scale = quantize(spec_weight.detach(), *block, rows=2 if name == "gate_up_proj" else None)
+            setattr(new, name, torch.nn.Parameter(weight, requires_grad=False))
+            setattr(new, f"{name}_scale_inv", torch.nn.Parameter(scale, requires_grad=False))
+            real = dequantize_blocks_ref(weight, scale, block, torch.float32)
+            target = getattr(plain.experts, name)
+            with torch.no_grad():
+                target.copy_(real.transpose(1, 2) if plain.spec.transposed else real)
+        setattr(moe.block, moe.family.experts_attr, new)
+    return model.eval(), dequantized.eval()
+
+
 # One adapter slot's table entries poisoned (slot index tensor v). The kernels keep every one of
 # these in the slot's own tokens. ``NONFINITE_B`` too, on the PyTorch path only: the GPU expand adds
 # ``0 * B`` of each slot present in a block to the others' rows, so slot tables refuse them.

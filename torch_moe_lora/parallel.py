@@ -8,7 +8,8 @@ through functional collectives (so ``torch.compile`` traces it without a graph b
 * ``"tensor"``: each rank keeps the intermediate columns ``[r I / W, (r + 1) I / W)`` of every
   expert: gate/up rows (column-parallel) and down input columns (row-parallel), and the matching
   LoRA slices (gate_up B rows, down A columns; gate_up A and down B replicated). The down bias is
-  added by rank 0 only.
+  added by rank 0 only. FP8 experts keep the scale blocks of their rows and columns, so ``I / W``
+  must be whole scale blocks.
 * ``"expert"``: each rank keeps experts ``[r E / W, (r + 1) E / W)`` and their LoRA; the router's
   global expert ids are mapped to local ones, other experts to an out-of-range id that the op skips.
   Since every rank already holds every token, dispatching them and combining the results is the
@@ -72,18 +73,26 @@ class ExpertSharding:
         return cls(mode, group, dist.get_rank(group), dist.get_world_size(group))
 
     def check(self, block: MoEBlock) -> None:
-        """Raises a clear error when the block does not split evenly over the group, or holds FP8 experts."""
-        if block.spec.quantized:
-            raise NotImplementedError(
-                f"{block.name}: FP8 experts under {self.mode} parallelism (sharding their block scales) is not "
-                "supported yet; patch the model without a process group"
-            )
+        """Raises a clear error when the block does not split evenly over the group (for FP8 experts
+        under tensor parallelism: into whole blocks of their scales)."""
         num_experts, _, inter = block.spec.w2(block.experts).shape
         size, what = (inter, "intermediate size I") if self.mode == "tensor" else (num_experts, "expert count E")
         if size % self.world:
             raise ValueError(
                 f"{block.name}: {self.mode} parallelism over {self.world} ranks needs the {what} ({size}) to be a "
                 f"multiple of {self.world}"
+            )
+        scales = block.spec.scales(block.experts)
+        if scales is None or self.mode != "tensor":
+            return
+        if block.spec.interleaved:
+            raise NotImplementedError(f"{block.name}: FP8 experts with interleaved gate/up rows under tensor parallelism")
+        share = inter // self.world
+        if share % scales.block_n or share % scales.block_k:
+            raise ValueError(
+                f"{block.name}: tensor parallelism over {self.world} ranks of FP8 experts needs each rank's share of "
+                f"the intermediate size ({inter} / {self.world} = {share}) to be whole blocks of the weight scales "
+                f"({scales.block_n} gate/up rows, {scales.block_k} down columns)"
             )
 
     def _span(self, size: int) -> slice:
@@ -106,7 +115,8 @@ class ExpertSharding:
         self.check(block)
         experts, spec = block.experts, block.spec
         full = {}
-        names = [spec.w13_name, spec.w2_name, spec.w13_bias_name, spec.w2_bias_name]
+        names = [spec.w13_name, spec.w2_name, spec.w13_bias_name, spec.w2_bias_name, spec.w13_scale_name,
+                 spec.w2_scale_name]  # fmt: skip
         for name in names:
             if name is not None:
                 full[name] = torch.empty_like(getattr(experts, name), device="meta")
@@ -127,6 +137,10 @@ class ExpertSharding:
                 new[spec.w13_bias_name] = w13_bias[:, rows]
             if w2_bias is not None:
                 new[spec.w2_bias_name] = w2_bias if self.rank == 0 else torch.zeros_like(w2_bias)
+            scales = spec.scales(experts)
+            if scales is not None:  # whole scale blocks (check): one scale row per block_n kept rows
+                new[spec.w13_scale_name] = scales.w13_scale[:, rows[:: scales.block_n] // scales.block_n]
+                new[spec.w2_scale_name] = scales.w2_scale[:, :, cols.start // scales.block_k : cols.stop // scales.block_k]
         for name, value in new.items():
             setattr(experts, name, nn.Parameter(value.contiguous(), requires_grad=False))
         setattr(experts, FULL_PARAMETERS_ATTR, full)
