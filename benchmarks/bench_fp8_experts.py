@@ -1,0 +1,140 @@
+"""FP8 expert weights against bf16 ones in the fused experts op, with LoRA, against the FP8 byte roofline (GPU).
+
+For each shape and token count: the op with bf16 experts and with the same experts quantized to
+float8_e4m3fn in 128x128 blocks (float32 scales, as the FP8 checkpoints ship them), both with a
+bf16 LoRA table of ``--adapters`` adapters of rank ``--rank`` (16 slots, tokens spread uniformly
+over the adapters), CUDA-graph timed side by side in one process; the FP8 roofline (touched expert
+bytes at one byte an element plus their scales, the LoRA bytes of the touched (adapter, expert)
+pairs in bf16, the activations; over the measured read bandwidth, or the FLOPs over the bf16
+matmul rate if larger) and the FP8 op's % of it; the FP8/bf16 speedup; then the cells under the
+targets of the FP8 issue (T=16..256: 80% of roofline; T=64: 1.6x; T=1: 1.5x; T=4096: 1.5x).
+Writes ``<out>/<gpu>/fp8_experts.json`` and ``fp8_experts_table.txt``.
+
+    python benchmarks/bench_fp8_experts.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from common import NUM_SLOTS, SHAPES, measure_ceilings, random_experts, random_lora, random_tokens, results_dir, time_graph
+from torch_moe_lora import WeightScales, fused_experts
+
+FP8 = torch.float8_e4m3fn
+BLOCK = 128
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+SPEEDUP_TARGETS = {1: 1.5, 64: 1.6, 4096: 1.5}
+"""FP8 over bf16 op speedups the issue asks for, by T."""
+ROOFLINE_TARGET = (16, 256, 80.0)
+"""From T, to T, % of the FP8 roofline."""
+
+
+def quantize_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [E, N, K]`` (N, K multiples of ``block``) as FP8 and its float32 ``[E, N/block, K/block]``
+    scales (absmax / the FP8 maximum per block): ``weight ~= fp8 * scale`` blockwise."""
+    E, N, K = weight.shape
+    blocks = weight.float().view(E, N // block, block, K // block, block)
+    scale = (blocks.abs().amax(dim=(2, 4)) / torch.finfo(FP8).max).clamp_min(1e-12)
+    quantized = (blocks / scale[:, :, None, :, None]).view(E, N, K).to(FP8)
+    return quantized, scale
+
+
+def fp8_roofline(shape, topk_ids, token_lora, rank, ceilings) -> float:
+    """Seconds the FP8 op needs at least for one input set (bytes over read bandwidth or FLOPs over the matmul rate)."""
+    hidden, inter, num_experts, _ = shape
+    experts = torch.unique(topk_ids).numel()
+    base_bytes = experts * 3 * hidden * inter * (1 + 4 / BLOCK**2)
+    slots = token_lora.long()[:, None].expand_as(topk_ids)
+    pairs = torch.unique((slots * num_experts + topk_ids.long())[slots >= 0]).numel()
+    lora_bytes = pairs * rank * (2 * hidden + 3 * inter) * 2
+    act_bytes = 2 * topk_ids.shape[0] * hidden * 2
+    flops = 2 * topk_ids.numel() * (3 * hidden * inter + rank * (2 * hidden + 3 * inter))
+    return max((base_bytes + lora_bytes + act_bytes) / ceilings.read_bytes_per_s, flops / ceilings.matmul_flops_per_s)
+
+
+def run_shape(name, shape, tokens, adapters, rank, ceilings):
+    w13, w2 = random_experts(shape)
+    (q13, s13), (q2, s2) = quantize_blocks(w13), quantize_blocks(w2)
+    scales = WeightScales(s13, s2, BLOCK, BLOCK)
+    lora = random_lora(NUM_SLOTS, shape.num_experts, shape.hidden, shape.inter, rank, torch.bfloat16)
+    rows = []
+    for num_tokens in tokens:
+        rotations = 4 if num_tokens <= 256 else 2
+        inputs = [random_tokens(shape, num_tokens) for _ in range(rotations)]
+        maps = [torch.randint(0, adapters, (num_tokens,), dtype=torch.int32, device="cuda") for _ in inputs]
+        bf16_ms = time_graph([lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora) for i, m in zip(inputs, maps)])
+        fp8_ms = time_graph(
+            [lambda i=i, m=m: fused_experts(*i, q13, q2, token_lora=m, lora=lora, scales=scales) for i, m in zip(inputs, maps)]
+        )
+        roof_ms = 1e3 * sum(fp8_roofline(shape, i[1], m, rank, ceilings) for i, m in zip(inputs, maps)) / len(inputs)
+        # How far FP8 moves the output from bf16 on this input (quantization error, not a kernel error).
+        x, ids, weights = inputs[0]
+        ref = fused_experts(x, ids, weights, w13, w2, token_lora=maps[0], lora=lora).float()
+        out = fused_experts(x, ids, weights, q13, q2, token_lora=maps[0], lora=lora, scales=scales).float()
+        rel = ((out - ref).norm() / ref.norm()).item()
+        row = dict(
+            shape=name, T=num_tokens, adapters=adapters, rank=rank, bf16_ms=bf16_ms, fp8_ms=fp8_ms,
+            fp8_roofline_ms=roof_ms, pct_fp8_roofline=100 * roof_ms / fp8_ms, speedup=bf16_ms / fp8_ms,
+            rel_diff_vs_bf16=rel,
+        )  # fmt: skip
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = f"{'shape':<17}{'T':>6}{'bf16 ms':>10}{'fp8 ms':>10}{'roof ms':>10}{'%roof':>7}{'fp8/bf16':>9}{'rel diff':>10}"
+
+
+def format_row(r) -> str:
+    return (
+        f"{r['shape']:<17}{r['T']:>6}{r['bf16_ms']:>10.4f}{r['fp8_ms']:>10.4f}{r['fp8_roofline_ms']:>10.4f}"
+        f"{r['pct_fp8_roofline']:>6.1f}%{r['speedup']:>8.2f}x{r['rel_diff_vs_bf16']:>10.2e}"
+    )
+
+
+def fp8_misses(rows) -> list[str]:
+    """The cells under the issue's targets, one line each."""
+    low, high, pct = ROOFLINE_TARGET
+    out = []
+    for r in rows:
+        if low <= r["T"] <= high and r["pct_fp8_roofline"] < pct:
+            out.append(f"{r['shape']} T={r['T']}: {r['pct_fp8_roofline']:.1f}% of the FP8 roofline (target {pct:.0f}%)")
+        target = SPEEDUP_TARGETS.get(r["T"])
+        if target is not None and r["speedup"] < target:
+            out.append(f"{r['shape']} T={r['T']}: {r['speedup']:.2f}x the bf16 op (target {target}x)")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=["qwen3_30b_a3b", "deepseek_v2_lite"], choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    if not 1 <= args.adapters <= NUM_SLOTS:
+        parser.error(f"--adapters must be 1..{NUM_SLOTS}, not {args.adapters}")
+    for name in args.shapes:
+        if SHAPES[name].hidden % BLOCK or SHAPES[name].inter % BLOCK:
+            parser.error(f"{name}: H and I must be multiples of the {BLOCK}-wide scale blocks")
+    ceilings = measure_ceilings()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: read {ceilings.read_bytes_per_s / 1e9:.0f} GB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TF/s")
+    print(HEADER)
+    rows = [row for name in args.shapes for row in run_shape(name, SHAPES[name], args.tokens, args.adapters, args.rank, ceilings)]
+    lines = [HEADER, *map(format_row, rows), "", "under target:", *(fp8_misses(rows) or ["none"])]
+    print("\n".join(lines[len(rows) + 1 :]))
+    folder = results_dir(args.out, device)
+    (folder / "fp8_experts.json").write_text(
+        json.dumps(dict(device=device, ceilings=vars(ceilings), block=BLOCK, rows=rows), indent=1) + "\n"
+    )
+    (folder / "fp8_experts_table.txt").write_text(f"{device}, {args.adapters} adapters of rank {args.rank}\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
