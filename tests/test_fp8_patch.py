@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from utils import ROWS, assert_rows_match, batch_ids, fp8_models, no_v4_renaming, tiny_model
+from utils import ROWS, assert_rows_match, batch_ids, fp8_models, no_v4_renaming, requires_cuda, tiny_model
 
 from torch_moe_lora import patch_model
 from torch_moe_lora.models import find_moe_blocks
@@ -76,3 +76,76 @@ def test_fp8_layouts_the_op_cannot_run_are_refused():
     block.experts.gate_up_proj = torch.nn.Parameter(block.experts.gate_up_proj.view(torch.int8), requires_grad=False)
     with pytest.raises(NotImplementedError, match="expert weights of dtype torch.int8 are not supported"):
         patch_model(model, {}, max_loras=1, max_rank=4)
+
+
+@pytest.fixture
+def fp8_linear_on_the_cpu(monkeypatch):
+    """transformers' ``FP8Linear`` computing ``x (W * scales)^T + b`` in x's dtype: its own forward
+    runs FP8 kernels that the CPU machine lacks. The LoRA wrapper calls whichever forward the class has."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from torch_moe_lora.reference import dequantize_blocks_ref
+
+    def forward(self, x):
+        weight = dequantize_blocks_ref(self.weight[None], self.weight_scale_inv[None], self.block_size, torch.float32)[0]
+        return torch.nn.functional.linear(x, weight.to(x.dtype), self.bias)
+
+    monkeypatch.setattr(FP8Linear, "forward", forward)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_attention_projections_take_their_adapters(family, peft_adapters, fp8_linear_on_the_cpu):
+    """q/k/v/o as ``FP8Linear`` (transformers' FP8 quantizer makes them so): the patched model adds
+    each row's LoRA to their FP8 outputs, as the dequantized model patched does; the wrapper keeps
+    the FP8 layer's state (weights, scales) as its own and its table in the model's dtype."""
+    made = peft_adapters(family)
+    model, dequantized = fp8_models(family, BLOCK, attention=True)
+    fp8_names = {n for n, m in model.named_modules() if type(m).__name__ == "FP8Linear"}
+    assert fp8_names, f"{family}: no attention projection was quantized"
+    states = {n: set(model.get_submodule(n).state_dict()) for n in fp8_names}
+    sources = {name: path for name, (path, _) in made.items()}
+    handle = patch_model(model, sources)
+    wrapped = {n: model.get_submodule(n) for n in fp8_names}
+    targeted = {n for n, m in wrapped.items() if type(m).__name__ == "MultiLoRAFP8Linear"}
+    assert targeted, f"{family}: the adapters target none of {sorted(fp8_names)}"
+    for n in targeted:
+        assert set(wrapped[n].state_dict()) == states[n], n
+        assert wrapped[n].lora_a.dtype == torch.float32 and wrapped[n].weight.dtype == torch.float8_e4m3fn, n
+    reference = patch_model(dequantized, sources)
+    ids = batch_ids()
+    with torch.no_grad(), handle.adapters(ROWS), reference.adapters(ROWS):
+        out, want = model(ids).logits, dequantized(ids).logits
+    assert_rows_match(out, want, ROWS, f"{family}: FP8 attention patched vs dequantized patched", rel=1e-5)
+    handle.unpatch()
+    assert {type(model.get_submodule(n)).__name__ for n in fp8_names} == {"FP8Linear"}, "unpatch restores them"
+
+
+@requires_cuda
+def test_fp8_attention_with_transformers_own_fp8_forward_on_the_gpu(peft_adapters):
+    """On the GPU ``FP8Linear`` runs transformers' own FP8 GEMM (activations quantized per token
+    group, so its outputs are near, not equal to, the dequantized model's): in bfloat16 the patched
+    FP8 model's rows are within 5% of the logits' scale of the dequantized model patched, and the
+    adapters move their rows by more than that error."""
+    family = "qwen3_moe"
+    made = peft_adapters(family)
+    model, dequantized = fp8_models(family, (16, 16), attention=True)
+    model, dequantized = model.to("cuda"), dequantized.to("cuda", torch.bfloat16)
+    for module in model.modules():  # FP8 weights and scales stay; the rest goes to bfloat16
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dtype == torch.float32 and not name.endswith("scale_inv"):
+                setattr(module, name, torch.nn.Parameter(p.data.to(torch.bfloat16), requires_grad=False))
+    sources = {name: path for name, (path, _) in made.items()}
+    handle, reference = patch_model(model, sources), patch_model(dequantized, sources)
+    ids = batch_ids().cuda()
+    with torch.no_grad():
+        plain = dequantized(ids).logits.float()
+        with handle.adapters(ROWS), reference.adapters(ROWS):
+            out, want = model(ids).logits.float(), dequantized(ids).logits.float()
+    scale = want.abs().max()
+    err = (out - want).abs().amax(dim=(1, 2))
+    moved = (want - plain).abs().amax(dim=(1, 2))
+    print(f"FP8 attention on the GPU: max err per row {err.tolist()}, adapters move rows by {moved.tolist()}, scale {scale:.3f}")
+    assert (err <= 0.05 * scale).all(), err
+    for row, name in enumerate(ROWS):
+        if name is not None:
+            assert moved[row] > err[row], (row, name, moved[row], err[row])

@@ -244,9 +244,15 @@ def quantize(weight: torch.Tensor, block_n: int, block_k: int, rows: int | None 
     return quantized, scale
 
 
-def fp8_models(family: str, block: tuple[int, int]):
+FP8_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""The linears ``fp8_models(..., attention=True)`` quantizes (as transformers' FP8 quantizer does)."""
+
+
+def fp8_models(family: str, block: tuple[int, int], attention: bool = False):
     """(the tiny model of ``family`` with its experts as transformers' ``FP8Experts``, quantized in
-    blocks ``block`` of (rows, columns), the same model with those experts dequantized to float32)."""
+    blocks ``block`` of (rows, columns), the same model with those experts dequantized to float32).
+    With ``attention``, the ``FP8_ATTENTION`` projections of the first model are transformers'
+    ``FP8Linear`` in the same blocks too, and the second model's hold their dequantized weights."""
     from transformers.integrations import finegrained_fp8 as fp8
     from transformers.integrations.moe import use_experts_implementation
 
@@ -268,6 +274,22 @@ def fp8_models(family: str, block: tuple[int, int]):
             with torch.no_grad():
                 target.copy_(real.transpose(1, 2) if plain.spec.transposed else real)
         setattr(moe.block, moe.family.experts_attr, new)
+    if attention:
+        for name, linear in list(model.named_modules()):
+            if name.rpartition(".")[2] not in FP8_ATTENTION or type(linear) is not nn.Linear:
+                continue
+            plain = dequantized.get_submodule(name)
+            fp8_linear = fp8.FP8Linear(linear.in_features, linear.out_features, block_size=block,
+                                       has_bias=linear.bias is not None)  # fmt: skip
+            weight, scale = quantize(linear.weight.detach()[None], *block)
+            fp8_linear.weight = nn.Parameter(weight[0], requires_grad=False)
+            fp8_linear.weight_scale_inv = nn.Parameter(scale[0], requires_grad=False)
+            if linear.bias is not None:
+                fp8_linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            with torch.no_grad():
+                plain.weight.copy_(dequantize_blocks_ref(weight, scale, block, torch.float32)[0])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, fp8_linear)
     return model.eval(), dequantized.eval()
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from .adapter_config import AdapterConfig, LoRALayer, StoredTensor, adapter_where, lora_layers, open_adapter_files
 from .adapter_config import load_adapter_files  # noqa: F401  (callers import it from here)
-from .linear import MultiLoRALinear
+from .linear import MultiLoRALinear, wrappable_linear
 from .models import LegacyTarget, MoEBlock, legacy_expert_target
 from .parallel import whole_parameter
 
@@ -206,12 +206,10 @@ class _Reader:
             raise self.unsupported(f"LoRA on convolutions ({path}, {what})")
         if id(module) in self.routers:
             raise self.unsupported(f"LoRA on the MoE router {path} ({what})")
-        is_plain_linear = isinstance(module, nn.Linear) and type(module).forward in (
-            nn.Linear.forward,
-            MultiLoRALinear.forward,
-        )
-        if not is_plain_linear:
-            raise self.unsupported(f"LoRA on {path} ({what}; only nn.Linear modules and expert parameters)")
+        if not (isinstance(module, MultiLoRALinear) or wrappable_linear(module)):
+            raise self.unsupported(
+                f"LoRA on {path} ({what}; only nn.Linear modules, transformers' FP8Linear and expert parameters)"
+            )
 
     def linear(self, path: str, module: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> LinearLoRA:
         rank = a.shape[0]

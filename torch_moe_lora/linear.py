@@ -14,9 +14,9 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .ops.checks import FLOAT_DTYPES
 from .ops.lora_linear import add_lora_linear, slot_segments
 
 
@@ -166,34 +166,100 @@ class SlotMapping:
         return self.row_order.to(device), self.slot_row_start.to(device)
 
 
+def _fp8_linear_class() -> type | None:
+    """transformers' ``FP8Linear`` (block-scaled FP8 weights), or None where this transformers lacks it."""
+    try:
+        from transformers.integrations.finegrained_fp8 import FP8Linear
+    except ImportError:
+        return None
+    return FP8Linear
+
+
+def wrappable_linear(module: nn.Module) -> bool:
+    """Whether ``MultiLoRALinear.wrap`` can wrap ``module``: an ``nn.Linear`` with ``nn.Linear``'s
+    forward (not already wrapped), or transformers' ``FP8Linear``, whose own forward then computes
+    the base output."""
+    fp8 = _fp8_linear_class()
+    if isinstance(module, MultiLoRALinear) or not isinstance(module, nn.Linear):
+        return False
+    return type(module).forward is nn.Linear.forward or (fp8 is not None and type(module) is fp8)
+
+
+_WRAPPER_CLASSES: dict[type, type] = {}
+
+
+def _wrapper_class(base: type) -> type:
+    """``MultiLoRALinear`` for a plain ``nn.Linear``; for a quantized linear class, a subclass of both
+    whose ``super().forward`` is the quantized class's (made once per class)."""
+    if base.forward is nn.Linear.forward:
+        return MultiLoRALinear
+    if base not in _WRAPPER_CLASSES:
+        _WRAPPER_CLASSES[base] = type(f"MultiLoRA{base.__name__}", (MultiLoRALinear, base), {"__module__": __name__})
+    return _WRAPPER_CLASSES[base]
+
+
+def lora_table_dtype(linear: nn.Linear, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``linear``'s LoRA table: its weight's, or ``compute_dtype`` (the model's
+    activations) for a quantized weight."""
+    dtype = linear.weight.dtype
+    if dtype in FLOAT_DTYPES:
+        return dtype
+    if compute_dtype is None:
+        raise ValueError(f"{type(linear).__name__} with {dtype} weights: the LoRA table needs the model's compute dtype")
+    return compute_dtype
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The model's activation dtype, that of the LoRA tables of its quantized linears: its input
+    embeddings' (FP8 checkpoints keep them unquantized); None where that is not a float weight."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES else None
+
+
 class MultiLoRALinear(nn.Linear):
     """An ``nn.Linear`` that adds, to each token, the LoRA of its adapter slot.
 
-    ``y = x W^T + b + scale[s] * B[s] (A[s] x)`` with ``s`` the token's slot (no LoRA for ``-1``).
-    It shares the wrapped layer's ``weight`` and ``bias`` (no copy); the slot table is held in
+    ``y = base(x) + scale[s] * B[s] (A[s] x)`` with ``s`` the token's slot (no LoRA for ``-1``) and
+    ``base(x) = x W^T + b``, or for transformers' ``FP8Linear`` its own FP8 forward (the wrapper is then
+    a ``MultiLoRAFP8Linear``, a subclass of both; ``MultiLoRALinear.wrap`` picks the class). It shares
+    the wrapped layer's parameters, buffers and attributes (no copy); the slot table is held in
     non-persistent buffers, so ``state_dict`` is the wrapped layer's. Every slot is padded to
-    ``max_rank``: the table takes ``L * R * (in + out)`` elements of the weight's dtype.
+    ``max_rank``: the table takes ``L * R * (in + out)`` elements of its dtype.
 
-    Buffers (the weight's dtype and device unless noted):
+    Buffers (the table's dtype, the weight's device, unless noted):
 
     * ``lora_a [L, R, in]``: shrink matrices, rank rows past an adapter's ``r`` are zero.
     * ``lora_b [L, out, R]``: expand matrices, rank columns past an adapter's ``r`` are zero.
     * ``lora_scale [L]`` float32: per-slot scaling (PEFT's ``alpha / r``).
 
     Args:
-        linear: the ``nn.Linear`` to wrap (a plain one: subclasses that override ``forward`` are not).
+        linear: the layer to wrap (``wrappable_linear``: a plain ``nn.Linear`` or ``FP8Linear``).
         num_slots: ``L``, adapters resident at once.
         max_rank: ``R``.
         row_slots: the model's shared ``SlotMapping``.
+        dtype: the table's dtype; default the weight's (``lora_table_dtype``). Required for a
+            quantized weight: the model's activation dtype.
     """
 
-    def __init__(self, linear: nn.Linear, num_slots: int, max_rank: int, row_slots: SlotMapping):
+    def __init__(
+        self, linear: nn.Linear, num_slots: int, max_rank: int, row_slots: SlotMapping, dtype: torch.dtype | None = None
+    ):
+        if not wrappable_linear(linear) or not isinstance(self, _wrapper_class(type(linear))):
+            raise TypeError(
+                f"MultiLoRALinear cannot wrap {type(linear).__name__} as {type(self).__name__}; use "
+                "MultiLoRALinear.wrap (plain nn.Linear or transformers' FP8Linear)"
+            )
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        fresh = vars(nn.Module())
+        for key, value in vars(linear).items():
+            if key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+                getattr(self, key).update(value)
+            elif key not in fresh:  # the layer's own attributes (sizes, FP8 block size, ...), not its hooks
+                setattr(self, key, value)
         self.num_slots, self.max_rank, self.row_slots = num_slots, max_rank, row_slots
         self.train(linear.training)
-        kw = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+        kw = dict(dtype=dtype or lora_table_dtype(linear, None), device=linear.weight.device)
         self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, **kw), persistent=False)
         self.register_buffer("lora_b", torch.zeros(num_slots, self.out_features, max_rank, **kw), persistent=False)
         self.register_buffer(
@@ -201,10 +267,19 @@ class MultiLoRALinear(nn.Linear):
         )
 
     @staticmethod
-    def table_bytes(linear: nn.Linear, num_slots: int, max_rank: int) -> int:
-        """Bytes of the slot table ``MultiLoRALinear(linear, num_slots, max_rank, ...)`` allocates."""
+    def wrap(
+        linear: nn.Linear, num_slots: int, max_rank: int, row_slots: SlotMapping, dtype: torch.dtype | None = None
+    ) -> MultiLoRALinear:
+        """``linear`` wrapped in the ``MultiLoRALinear`` class that fits it (see the class)."""
+        if not wrappable_linear(linear):
+            raise TypeError(f"MultiLoRALinear wraps nn.Linear or transformers' FP8Linear, not {type(linear).__name__}")
+        return _wrapper_class(type(linear))(linear, num_slots, max_rank, row_slots, dtype)
+
+    @staticmethod
+    def table_bytes(linear: nn.Linear, num_slots: int, max_rank: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the slot table ``MultiLoRALinear.wrap(linear, num_slots, max_rank, ..., dtype)`` allocates."""
         elements = num_slots * max_rank * (linear.in_features + linear.out_features)
-        return elements * linear.weight.dtype.itemsize + num_slots * 4
+        return elements * (dtype or lora_table_dtype(linear, None)).itemsize + num_slots * 4
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Writes one adapter into ``slot`` in place.
@@ -249,7 +324,7 @@ class MultiLoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` (row-major over the batch rows) -> ``[..., out]`` in x's dtype."""
-        out = F.linear(x, self.weight, self.bias)
+        out = super().forward(x)
         self.row_slots.check_rows(x, "a patched linear layer")
         segments = self.row_slots.segments(x.numel() // self.in_features, x.device)
         if segments is None:

@@ -23,7 +23,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import serving
 from .adapters import AdapterLoRA, BlockLoRA, check_adapter_name, read_adapter
-from .linear import MultiLoRALinear, SlotMapping
+from .linear import MultiLoRALinear, SlotMapping, compute_dtype, lora_table_dtype
 from .lora import ExpertLoRASlots, check_device_memory
 from .models import MoEBlock, find_moe_blocks, whole_block_forward
 from .parallel import ExpertSharding
@@ -135,11 +135,12 @@ class MoELoRAModel:
                 "cannot be swapped for a LoRA one under a running manager (its CUDA graphs would not see it); "
                 "register every adapter (add_adapter) before starting the manager, or stop it first"
             )
+        dtype = lora_table_dtype(original, compute_dtype(self.model))
         check_device_memory(
-            MultiLoRALinear.table_bytes(original, self.max_loras, self.max_rank), original.weight.device,
+            MultiLoRALinear.table_bytes(original, self.max_loras, self.max_rank, dtype), original.weight.device,
             f"the LoRA table of {name}", self.max_loras, self.max_rank,
         )  # fmt: skip
-        wrapped = MultiLoRALinear(original, self.max_loras, self.max_rank, self.mapping)
+        wrapped = MultiLoRALinear.wrap(original, self.max_loras, self.max_rank, self.mapping, dtype)
         setattr(parent, child, wrapped)
         self._linears[name] = (original, wrapped)
 
@@ -221,7 +222,7 @@ class MoELoRAModel:
         a host copy in the tables' dtypes."""
         for linear in adapter.linears:
             self._wrap_linear(linear)
-        linear_dtype = {n: self.model.get_submodule(n).weight.dtype for n in adapter.linears}
+        linear_dtype = {n: self._linears[n][1].lora_a.dtype for n in adapter.linears}
         block_dtype = {n: t.weights.gate_up_a.dtype for n, t in self._tables.items()}
         self._store.add(name, host_copy(adapter, linear_dtype, block_dtype, pin=self.device.type == "cuda"))
 
@@ -596,7 +597,10 @@ def patch_model(
         for b in blocks
     )  # fmt: skip
     targeted = {name for adapter in adapters.values() for name in adapter.linears}
-    need += sum(MultiLoRALinear.table_bytes(model.get_submodule(n), max_loras, max_rank) for n in targeted)
+    need += sum(
+        MultiLoRALinear.table_bytes(linear, max_loras, max_rank, lora_table_dtype(linear, compute_dtype(model)))
+        for linear in map(model.get_submodule, targeted)
+    )
     check_device_memory(need, device, f"the LoRA tables of {len(blocks)} MoE blocks and {len(targeted)} linears",
                         max_loras, max_rank)  # fmt: skip
     handle = MoELoRAModel(model, blocks, max_loras, max_rank, split_gate_up, sharding)
