@@ -116,6 +116,15 @@ def test_fp8_attention_projections_take_their_adapters(family, peft_adapters, fp
     with torch.no_grad(), handle.adapters(ROWS), reference.adapters(ROWS):
         out, want = model(ids).logits, dequantized(ids).logits
     assert_rows_match(out, want, ROWS, f"{family}: FP8 attention patched vs dequantized patched", rel=1e-5)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad(), handle.adapters(ROWS):
+        assert_rows_match(compiled(ids).logits, want, ROWS, f"{family}: FP8 attention compiled", rel=1e-5)
+    assert backend.frame_count == 1, "one graph"
+    torch._dynamo.reset()
     handle.unpatch()
     assert {type(model.get_submodule(n)).__name__ for n in fp8_names} == {"FP8Linear"}, "unpatch restores them"
 
