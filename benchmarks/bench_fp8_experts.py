@@ -20,8 +20,17 @@ import json
 from pathlib import Path
 
 import torch
+from common import (
+    NUM_SLOTS,
+    SHAPES,
+    measure_ceilings,
+    random_experts,
+    random_lora,
+    random_tokens,
+    results_dir,
+    time_graph,
+)
 
-from common import NUM_SLOTS, SHAPES, measure_ceilings, random_experts, random_lora, random_tokens, results_dir, time_graph
 from torch_moe_lora import WeightScales, fused_experts
 
 FP8 = torch.float8_e4m3fn
@@ -66,9 +75,14 @@ def run_shape(name, shape, tokens, adapters, rank, ceilings):
         rotations = 4 if num_tokens <= 256 else 2
         inputs = [random_tokens(shape, num_tokens) for _ in range(rotations)]
         maps = [torch.randint(0, adapters, (num_tokens,), dtype=torch.int32, device="cuda") for _ in inputs]
-        bf16_ms = time_graph([lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora) for i, m in zip(inputs, maps)])
+        bf16_ms = time_graph(
+            [lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora) for i, m in zip(inputs, maps)]
+        )
         fp8_ms = time_graph(
-            [lambda i=i, m=m: fused_experts(*i, q13, q2, token_lora=m, lora=lora, scales=scales) for i, m in zip(inputs, maps)]
+            [
+                lambda i=i, m=m: fused_experts(*i, q13, q2, token_lora=m, lora=lora, scales=scales)
+                for i, m in zip(inputs, maps)
+            ]
         )
         roof_ms = 1e3 * sum(fp8_roofline(shape, i[1], m, rank, ceilings) for i, m in zip(inputs, maps)) / len(inputs)
         # How far FP8 moves the output from bf16 on this input (quantization error, not a kernel error).
@@ -124,16 +138,23 @@ def main():
             parser.error(f"{name}: H and I must be multiples of the {BLOCK}-wide scale blocks")
     ceilings = measure_ceilings()
     device = torch.cuda.get_device_name()
-    print(f"{device}: read {ceilings.read_bytes_per_s / 1e9:.0f} GB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TF/s")
+    read, matmul = ceilings.read_bytes_per_s / 1e9, ceilings.matmul_flops_per_s / 1e12
+    print(f"{device}: read {read:.0f} GB/s, bf16 matmul {matmul:.0f} TF/s")
     print(HEADER)
-    rows = [row for name in args.shapes for row in run_shape(name, SHAPES[name], args.tokens, args.adapters, args.rank, ceilings)]
+    rows = [
+        row
+        for name in args.shapes
+        for row in run_shape(name, SHAPES[name], args.tokens, args.adapters, args.rank, ceilings)
+    ]
     lines = [HEADER, *map(format_row, rows), "", "under target:", *(fp8_misses(rows) or ["none"])]
     print("\n".join(lines[len(rows) + 1 :]))
     folder = results_dir(args.out, device)
     (folder / "fp8_experts.json").write_text(
         json.dumps(dict(device=device, ceilings=vars(ceilings), block=BLOCK, rows=rows), indent=1) + "\n"
     )
-    (folder / "fp8_experts_table.txt").write_text(f"{device}, {args.adapters} adapters of rank {args.rank}\n" + "\n".join(lines) + "\n")
+    (folder / "fp8_experts_table.txt").write_text(
+        f"{device}, {args.adapters} adapters of rank {args.rank}\n" + "\n".join(lines) + "\n"
+    )
 
 
 if __name__ == "__main__":

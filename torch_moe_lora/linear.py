@@ -205,7 +205,9 @@ def lora_table_dtype(linear: nn.Linear, compute_dtype: torch.dtype | None) -> to
     if dtype in FLOAT_DTYPES:
         return dtype
     if compute_dtype is None:
-        raise ValueError(f"{type(linear).__name__} with {dtype} weights: the LoRA table needs the model's compute dtype")
+        raise ValueError(
+            f"{type(linear).__name__} with {dtype} weights: the LoRA table needs the model's compute dtype"
+        )
     return compute_dtype
 
 
