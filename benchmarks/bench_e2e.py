@@ -21,8 +21,10 @@ GPT-OSS-20B runs the same; in the minimal grid only part ``static``.
 Each row is printed when measured, and ``<out>/<gpu>/e2e.json`` and ``e2e_table.txt`` (rows and the
 ratios the performance targets name) are rewritten after it. ``--parts`` with ``--merge`` splits a
 grid over several runs, each keeping the rows of the folder's ``e2e.json`` that it does not measure
-again. ``plot.py`` draws ``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows
-skipped without CUDA (``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
+again; ``--static-adapters`` picks part static's patched rows (``16`` alone: GPT-OSS-20B's missing
+row, ``--models gpt_oss_20b --parts static --static-adapters 16 --merge``). ``plot.py`` draws
+``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
+(``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
 
     python benchmarks/bench_e2e.py --out benchmarks/results
     python benchmarks/bench_e2e.py --models qwen3_30b_a3b --parts serving --merge --out benchmarks/results
@@ -370,7 +372,7 @@ def run_model(bench: Bench, model_name: str) -> None:
             bench.static(model_name, model, None, batch, 0, compiled=True)
     if "static" in parts:
         handle = repatch(16, 16)
-        static_rows((0, 1, 16) if full else (0, 16))
+        static_rows(args.static_adapters or ((0, 1, 16) if full else (0, 16)))
     if "slots32" in parts:
         handle = repatch(32, 32)
         static_rows((32,))
@@ -400,6 +402,8 @@ def main():
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="parts of the grid to run (all)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of <out>/<gpu>/e2e.json not measured again")
+    parser.add_argument("--static-adapters", type=int, nargs="+", choices=[0, 1, 16],
+                        help="adapter counts of part static's patched rows (minimal: 0 16; full: 0 1 16)")  # fmt: skip
     parser.add_argument("--layers", type=int, help="layers of each model (default: all)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, help="batch of the minimal grid, the eager rows and the ratios (64)")
