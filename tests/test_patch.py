@@ -242,6 +242,8 @@ def test_patch_refusals():
 def test_multi_lora_linear_matches_a_token_loop():
     seed_all(0)
     linear = nn.Linear(12, 10)
+    linear.forward = lambda x: nn.Linear.forward(linear, x)  # a forward on the instance, as accelerate sets one
+    linear.tag = "kept"
     row_slots = SlotMapping(3)
     wrapped = MultiLoRALinear(linear, num_slots=3, max_rank=4, row_slots=row_slots)
     loras = {slot: (torch.randn(rank, 12), torch.randn(10, rank), 0.5 * slot + 0.25) for slot, rank in ((0, 4), (2, 1))}
@@ -259,6 +261,7 @@ def test_multi_lora_linear_matches_a_token_loop():
             expected = expected + scale * (x[row] @ a.T) @ b.T
         torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
     assert wrapped.state_dict().keys() == linear.state_dict().keys()
+    assert wrapped.weight is linear.weight and wrapped.bias is linear.bias and wrapped.tag == "kept"
     with pytest.raises(ValueError, match="rank 5 > max_rank 4"):
         wrapped.set_slot(1, torch.randn(5, 12), torch.randn(10, 5), 1.0)
 

@@ -257,7 +257,9 @@ class MultiLoRALinear(nn.Linear):
         for key, value in vars(linear).items():
             if key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
                 getattr(self, key).update(value)
-            elif key not in fresh:  # the layer's own attributes (sizes, FP8 block size, ...), not its hooks
+            elif key not in fresh and not callable(value):
+                # The layer's own attributes (sizes, FP8 block size, ...), not its hooks nor a forward
+                # set on the instance (accelerate's), which would shadow this class's.
                 setattr(self, key, value)
         self.num_slots, self.max_rank, self.row_slots = num_slots, max_rank, row_slots
         self.train(linear.training)
