@@ -224,6 +224,35 @@ def test_more_adapters_than_slots_wait_for_one(served):
     assert len(handle.adapter_names) == 1
 
 
+def test_a_waiting_request_whose_adapter_came_in_does_not_wait_behind_others(served):
+    """One slot held by a running request of "a"; then "b", "c", "b" wait. When the slot frees, "b"
+    swaps in and the second "b" request goes with the first instead of waiting behind "c": two
+    swap-ins, not three (b, c, then b again); every request still matches PEFT."""
+    made, models = served
+    model = sdpa_model()
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()}, max_loras=1)
+    swaps = []
+    write = handle._write
+    handle._write = lambda slot, adapter: (swaps.append(slot), write(slot, adapter))[1]
+    manager = handle.init_continuous_batching(GREEDY, cb_config())
+    long_prompt, *rest = prompts((6, 5, 4, 7), seed=13)
+    requests = {}
+    with torch.no_grad():
+        manager.start()
+        try:
+            first = handle.add_request(manager, long_prompt, adapter="a", max_new_tokens=24)
+            requests[first] = (long_prompt, "a", 24)
+            for prompt, adapter in zip(rest, ["b", "c", "b"]):
+                rid = handle.add_request(manager, prompt, adapter=adapter, max_new_tokens=NEW_TOKENS)
+                requests[rid] = (prompt, adapter, NEW_TOKENS)
+            results = wait_for(manager, list(requests), timeout=60.0)
+        finally:
+            manager.stop(block=True)
+    assert len(results[first].generated_tokens) == 24
+    check_outputs(results, requests, models)
+    assert len(swaps) == 2, f"{len(swaps)} swap-ins"
+
+
 @requires_cuda
 def test_continuous_batching_with_cuda_graphs_on_the_gpu(served):
     """The GPU path with CUDA graphs on: graphs captured for padded token counts replay with the slots

@@ -224,7 +224,9 @@ class RequestAdapters:
             self._pump.start()
 
     def _admit_waiting(self) -> None:
-        """Gives waiting requests their slots, first come first served, as slots come free."""
+        """Gives waiting requests their slots as slots come free, first come first served; a request
+        whose adapter holds a slot by then (another waiting request's swap brought it in) goes at
+        once, as a new request for a resident adapter does, rather than behind one still waiting."""
         while True:
             self._wake.wait(timeout=0.05)
             self._wake.clear()
@@ -235,8 +237,8 @@ class RequestAdapters:
                 for request in waiting:
                     try:
                         self.handle._make_resident([request.adapter])
-                    except ValueError:
-                        break
+                    except ValueError:  # no slot to be had: only requests of resident adapters go on
+                        continue
                     with self._lock:
                         self._waiting.remove(request)
                         self._adapter_of[request.request_id] = request.adapter
