@@ -29,27 +29,18 @@ from common import (
     random_tokens,
     results_dir,
     time_graph,
+    token_mapping,
 )
 
 from torch_moe_lora import WeightScales, fused_experts
+from torch_moe_lora.reference import quantize_blocks_ref
 
-FP8 = torch.float8_e4m3fn
 BLOCK = 128
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 SPEEDUP_TARGETS = {1: 1.5, 64: 1.6, 4096: 1.5}
 """FP8 over bf16 op speedups the issue asks for, by T."""
 ROOFLINE_TARGET = (16, 256, 80.0)
 """From T, to T, % of the FP8 roofline."""
-
-
-def quantize_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [E, N, K]`` (N, K multiples of ``block``) as FP8 and its float32 ``[E, N/block, K/block]``
-    scales (absmax / the FP8 maximum per block): ``weight ~= fp8 * scale`` blockwise."""
-    E, N, K = weight.shape
-    blocks = weight.float().view(E, N // block, block, K // block, block)
-    scale = (blocks.abs().amax(dim=(2, 4)) / torch.finfo(FP8).max).clamp_min(1e-12)
-    quantized = (blocks / scale[:, :, None, :, None]).view(E, N, K).to(FP8)
-    return quantized, scale
 
 
 def fp8_roofline(shape, topk_ids, token_lora, rank, ceilings) -> float:
@@ -67,14 +58,14 @@ def fp8_roofline(shape, topk_ids, token_lora, rank, ceilings) -> float:
 
 def run_shape(name, shape, tokens, adapters, rank, ceilings):
     w13, w2 = random_experts(shape)
-    (q13, s13), (q2, s2) = quantize_blocks(w13), quantize_blocks(w2)
+    (q13, s13), (q2, s2) = (quantize_blocks_ref(w, (BLOCK, BLOCK)) for w in (w13, w2))
     scales = WeightScales(s13, s2, BLOCK, BLOCK)
     lora = random_lora(NUM_SLOTS, shape.num_experts, shape.hidden, shape.inter, rank, torch.bfloat16)
     rows = []
     for num_tokens in tokens:
         rotations = 4 if num_tokens <= 256 else 2
         inputs = [random_tokens(shape, num_tokens) for _ in range(rotations)]
-        maps = [torch.randint(0, adapters, (num_tokens,), dtype=torch.int32, device="cuda") for _ in inputs]
+        maps = [token_mapping(num_tokens, f"uniform{adapters}", NUM_SLOTS) for _ in inputs]
         bf16_ms = time_graph(
             [lambda i=i, m=m: fused_experts(*i, w13, w2, token_lora=m, lora=lora) for i, m in zip(inputs, maps)]
         )

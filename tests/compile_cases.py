@@ -29,13 +29,14 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import make_problem, quantize  # noqa: E402
+from utils import make_problem  # noqa: E402
 
 import torch_moe_lora.ops.fused_experts_triton as experts_launcher  # noqa: E402
 from torch_moe_lora import WeightScales, slot_segments  # noqa: E402
 from torch_moe_lora.configs import CONFIG_DIR, parse_buckets  # noqa: E402
 from torch_moe_lora.ops.fused_experts import ExpertOptions  # noqa: E402
 from torch_moe_lora.ops.lora_linear import add_lora_linear_triton  # noqa: E402
+from torch_moe_lora.reference import quantize_blocks_ref  # noqa: E402
 
 H200_SHARED_MEMORY = 232448  # opt-in bytes per block (torch.cuda.get_device_properties on an H200)
 H200 = GPUTarget("cuda", 90, 32)
@@ -89,7 +90,7 @@ def experts_cases():
             yield f"T={T} {'LoRA' if lora else 'no LoRA'}", p, config, kwargs, None
         if T in (1, 1024):
             for block in ((128, 128), (1, 1)):
-                (w13, s13), (w2, s2) = quantize(p.w13, *block), quantize(p.w2, *block)
+                (w13, s13), (w2, s2) = quantize_blocks_ref(p.w13, block), quantize_blocks_ref(p.w2, block)
                 fp8 = dataclasses.replace(p, w13=w13, w2=w2)
                 kwargs = dict(token_lora=p.token_lora, lora=p.lora)
                 yield f"T={T} FP8 block {block}", fp8, config, kwargs, WeightScales(s13, s2, *block)

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import REL_TOL, assert_aligned, make_problem, quantize  # noqa: E402
+from utils import REL_TOL, assert_aligned, make_problem  # noqa: E402
 
 from torch_moe_lora import WeightScales, add_lora_linear, fused_experts, slot_segments  # noqa: E402
 from torch_moe_lora.ops.align import align_block_size  # noqa: E402
 from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
 from torch_moe_lora.reference import (  # noqa: E402
-    align_block_size_ref, dequantize_blocks_ref, fused_experts_ref, lora_linear_ref,
+    align_block_size_ref, dequantize_blocks_ref, fused_experts_ref, lora_linear_ref, quantize_blocks_ref,
 )  # fmt: skip
 
 ALIGN_CASES = {  # name: (T, K, E, L, block_size)
@@ -79,7 +79,7 @@ def check_fp8_experts() -> None:
     and pair blocks, pointers and tensor descriptors."""
     for T, block in ((3, (128, 128)), (700, (24, 20))):
         p = make_problem(T=T, H=64, I=48, E=8, K=2, L=3, R=8, dtype=torch.float16)
-        (w13, s13), (w2, s2) = quantize(p.w13, *block), quantize(p.w2, *block)
+        (w13, s13), (w2, s2) = quantize_blocks_ref(p.w13, block), quantize_blocks_ref(p.w2, block)
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, dequantize_blocks_ref(w13, s13, block),
                                 dequantize_blocks_ref(w2, s2, block), **p.kwargs())  # fmt: skip
         p, w13, w2 = p.to("cuda"), w13.cuda(), w2.cuda()

@@ -77,22 +77,10 @@ def test_summary_counts_misses_per_shape_and_tokens():
     )
 
 
-def test_fp8_benchmark_quantizes_as_the_op_dequantizes_and_names_its_misses():
-    """The FP8 benchmark times the op on weights that mean what the bf16 weights mean (its blocks
-    and scales, dequantized by the op's own rule, are within FP8 rounding of them), and its target
-    check names each cell under a target."""
-    import torch
-    from bench_fp8_experts import fp8_misses, quantize_blocks
+def test_fp8_benchmark_names_its_misses():
+    """The FP8 benchmark's target check names each cell under a target."""
+    from bench_fp8_experts import fp8_misses
 
-    from torch_moe_lora.ops.fused_experts import dequantize_weight
-
-    weight = torch.randn(3, 256, 384) * torch.logspace(-3, 1, 256)[None, :, None]
-    quantized, scale = quantize_blocks(weight)
-    assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (3, 2, 3)
-    back = dequantize_weight(quantized, scale, 128, 128, torch.float32)
-    block_max = weight.abs().view(3, 2, 128, 3, 128).amax(dim=(2, 4)).repeat_interleave(128, 1).repeat_interleave(128, 2)
-    assert ((back - weight).abs() <= block_max / 16 + 1e-12).all(), "e4m3 keeps 3 mantissa bits of each block's range"
-    assert (back - weight).abs().max() > 0, "the weights are quantized, not passed through"
     cell = dict(shape="s", pct_fp8_roofline=85.0, speedup=2.0)
     assert fp8_misses([dict(cell, T=64)]) == []
     assert fp8_misses([dict(cell, T=64, speedup=1.5)]) == ["s T=64: 1.50x the bf16 op (target 1.6x)"]

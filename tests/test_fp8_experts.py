@@ -8,20 +8,20 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from utils import HAS_CUDA, assert_close_verbose, interpreted_examples, make_problem, problems, quantize, requires_cuda
+from utils import HAS_CUDA, assert_close_verbose, interpreted_examples, make_problem, problems, requires_cuda
 
 from torch_moe_lora import WeightScales, fused_experts
 from torch_moe_lora.configs import GemmTiles, LaunchConfig, ShrinkTiles, SumTiles
 from torch_moe_lora.ops.fused_experts import ExpertOptions, dequantize_weight
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
-from torch_moe_lora.reference import dequantize_blocks_ref, fused_experts_ref
+from torch_moe_lora.reference import dequantize_blocks_ref, fused_experts_ref, quantize_blocks_ref
 
 UE8M0 = getattr(torch, "float8_e8m0fnu", None)
 
 
 def quantized_problem(problem, block_n: int, block_k: int):
-    w13, s13 = quantize(problem.w13, block_n, block_k)
-    w2, s2 = quantize(problem.w2, block_n, block_k)
+    w13, s13 = quantize_blocks_ref(problem.w13, (block_n, block_k))
+    w2, s2 = quantize_blocks_ref(problem.w2, (block_n, block_k))
     return w13, w2, WeightScales(s13, s2, block_n, block_k)
 
 
@@ -61,9 +61,22 @@ def test_fp8_weights_on_the_gpu(problem, block):
 )
 def test_dequantize_matches_the_reference(shape, block):
     """Blocks, one scale per tensor (``block = (N, K)``), one per channel (``(1, K)``), partial blocks."""
-    weight, scale = quantize(torch.randn(shape), *block)
+    weight, scale = quantize_blocks_ref(torch.randn(shape), block)
     got = dequantize_weight(weight, scale, *block, torch.float32)
     assert torch.equal(got.double(), dequantize_blocks_ref(weight, scale, block).float().double())
+
+
+def test_quantize_is_within_fp8_rounding_of_the_weights():
+    """``quantize_blocks_ref`` (the checkpoints' recipe, which the tests and the FP8 benchmark use),
+    dequantized by the op's own rule, is within e4m3 rounding of the weights, block by block."""
+    weight = torch.randn(3, 256, 384) * torch.logspace(-3, 1, 256)[None, :, None]
+    quantized, scale = quantize_blocks_ref(weight, (128, 128))
+    assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (3, 2, 3)
+    back = dequantize_weight(quantized, scale, 128, 128, torch.float32)
+    block_max = weight.abs().view(3, 2, 128, 3, 128).amax(dim=(2, 4))
+    block_max = block_max.repeat_interleave(128, 1).repeat_interleave(128, 2)
+    assert ((back - weight).abs() <= block_max / 16 + 1e-12).all(), "e4m3 keeps 3 mantissa bits of each block's range"
+    assert (back - weight).abs().max() > 0, "the weights are quantized, not passed through"
 
 
 @pytest.mark.skipif(UE8M0 is None, reason="this torch has no float8_e8m0fnu")
@@ -108,8 +121,8 @@ def test_bad_scales_are_refused():
 def test_gate_up_scales_may_have_the_rows_transformers_allocates():
     """transformers gives gate_up at least 2 scale rows even when one block covers all 2I rows."""
     problem = next_problem()
-    w13, s13 = quantize(problem.w13, 128, 8, rows=2)
-    w2, s2 = quantize(problem.w2, 128, 8)
+    w13, s13 = quantize_blocks_ref(problem.w13, (128, 8), rows=2)
+    w2, s2 = quantize_blocks_ref(problem.w2, (128, 8))
     scales = WeightScales(s13, s2, 128, 8)
     out = fused_experts(problem.x, problem.topk_ids, problem.topk_weights, w13, w2, scales=scales, **problem.kwargs())
     assert_close_verbose(out, reference(problem, w13, w2, scales), torch.float32, "2 gate_up scale rows")

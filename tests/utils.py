@@ -225,25 +225,6 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_to
 # --- FP8 expert weights ----------------------------------------------------------------------------
 
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-
-
-def quantize(weight: torch.Tensor, block_n: int, block_k: int, rows: int | None = None):
-    """``weight [E, N, K]`` as FP8 with one float32 scale per block (absmax / the FP8 maximum), as the
-    checkpoints' recipe quantizes; ``rows`` scale rows (more than the blocks need: transformers' gate_up)."""
-    E, N, K = weight.shape
-    nb, kb = -(-N // block_n), -(-K // block_k)
-    padded = torch.zeros(E, nb * block_n, kb * block_k, dtype=torch.float32)
-    padded[:, :N, :K] = weight.float()
-    blocks = padded.view(E, nb, block_n, kb, block_k)
-    scale = (blocks.abs().amax(dim=(2, 4)) / FP8_MAX).clamp_min(1e-12)
-    quantized = (blocks / scale[:, :, None, :, None]).view(E, nb * block_n, kb * block_k)[:, :N, :K].to(FP8)
-    if rows is not None and rows > nb:
-        scale = torch.cat([scale, torch.ones(E, rows - nb, kb)], dim=1)
-    return quantized, scale
-
-
 FP8_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 """The linears ``fp8_models(..., attention=True)`` quantizes (as transformers' FP8 quantizer does)."""
 
@@ -256,7 +237,7 @@ def fp8_models(family: str, block: tuple[int, int], attention: bool = False):
     from transformers.integrations import finegrained_fp8 as fp8
     from transformers.integrations.moe import use_experts_implementation
 
-    from torch_moe_lora.reference import dequantize_blocks_ref
+    from torch_moe_lora.reference import dequantize_blocks_ref, quantize_blocks_ref
 
     model, dequantized = tiny_model(family), tiny_model(family)
     for moe, plain in zip(find_moe_blocks(model), find_moe_blocks(dequantized)):
@@ -266,7 +247,7 @@ def fp8_models(family: str, block: tuple[int, int], attention: bool = False):
         )
         new = cls(experts.config, block_size=block)
         for spec_weight, name in ((moe.spec.w13(experts), "gate_up_proj"), (moe.spec.w2(experts), "down_proj")):
-            weight, scale = quantize(spec_weight.detach(), *block, rows=2 if name == "gate_up_proj" else None)
+            weight, scale = quantize_blocks_ref(spec_weight.detach(), block, rows=2 if name == "gate_up_proj" else None)
             setattr(new, name, torch.nn.Parameter(weight, requires_grad=False))
             setattr(new, f"{name}_scale_inv", torch.nn.Parameter(scale, requires_grad=False))
             real = dequantize_blocks_ref(weight, scale, block, torch.float32)
@@ -281,7 +262,7 @@ def fp8_models(family: str, block: tuple[int, int], attention: bool = False):
             plain = dequantized.get_submodule(name)
             fp8_linear = fp8.FP8Linear(linear.in_features, linear.out_features, block_size=block,
                                        has_bias=linear.bias is not None)  # fmt: skip
-            weight, scale = quantize(linear.weight.detach()[None], *block)
+            weight, scale = quantize_blocks_ref(linear.weight.detach()[None], block)
             fp8_linear.weight = nn.Parameter(weight[0], requires_grad=False)
             fp8_linear.weight_scale_inv = nn.Parameter(scale[0], requires_grad=False)
             if linear.bias is not None:

@@ -198,25 +198,20 @@ def _wrapper_class(base: type) -> type:
     return _WRAPPER_CLASSES[base]
 
 
-def lora_table_dtype(linear: nn.Linear, compute_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of ``linear``'s LoRA table: its weight's, or ``compute_dtype`` (the model's
-    activations) for a quantized weight."""
+def lora_table_dtype(linear: nn.Linear, model: nn.Module | None = None) -> torch.dtype:
+    """The dtype of ``linear``'s LoRA table: its weight's, or for a quantized weight the activation
+    dtype of ``model`` (the model holding it): its input embeddings' (FP8 checkpoints keep them
+    unquantized)."""
     dtype = linear.weight.dtype
     if dtype in FLOAT_DTYPES:
         return dtype
-    if compute_dtype is None:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{type(linear).__name__} with {dtype} weights: the LoRA table needs the model's compute dtype"
         )
-    return compute_dtype
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype | None:
-    """The model's activation dtype, that of the LoRA tables of its quantized linears: its input
-    embeddings' (FP8 checkpoints keep them unquantized); None where that is not a float weight."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    weight = getattr(embeddings, "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES else None
+    return weight.dtype
 
 
 class MultiLoRALinear(nn.Linear):
@@ -263,7 +258,7 @@ class MultiLoRALinear(nn.Linear):
                 setattr(self, key, value)
         self.num_slots, self.max_rank, self.row_slots = num_slots, max_rank, row_slots
         self.train(linear.training)
-        kw = dict(dtype=dtype or lora_table_dtype(linear, None), device=linear.weight.device)
+        kw = dict(dtype=dtype or lora_table_dtype(linear), device=linear.weight.device)
         self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, **kw), persistent=False)
         self.register_buffer("lora_b", torch.zeros(num_slots, self.out_features, max_rank, **kw), persistent=False)
         self.register_buffer(
@@ -283,7 +278,7 @@ class MultiLoRALinear(nn.Linear):
     def table_bytes(linear: nn.Linear, num_slots: int, max_rank: int, dtype: torch.dtype | None = None) -> int:
         """Bytes of the slot table ``MultiLoRALinear.wrap(linear, num_slots, max_rank, ..., dtype)`` allocates."""
         elements = num_slots * max_rank * (linear.in_features + linear.out_features)
-        return elements * (dtype or lora_table_dtype(linear, None)).itemsize + num_slots * 4
+        return elements * (dtype or lora_table_dtype(linear)).itemsize + num_slots * 4
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Writes one adapter into ``slot`` in place.

@@ -23,7 +23,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import serving
 from .adapters import AdapterLoRA, BlockLoRA, check_adapter_name, read_adapter
-from .linear import MultiLoRALinear, SlotMapping, compute_dtype, lora_table_dtype
+from .linear import MultiLoRALinear, SlotMapping, lora_table_dtype
 from .lora import ExpertLoRASlots, check_device_memory
 from .models import MoEBlock, find_moe_blocks, whole_block_forward
 from .parallel import ExpertSharding
@@ -135,7 +135,7 @@ class MoELoRAModel:
                 "cannot be swapped for a LoRA one under a running manager (its CUDA graphs would not see it); "
                 "register every adapter (add_adapter) before starting the manager, or stop it first"
             )
-        dtype = lora_table_dtype(original, compute_dtype(self.model))
+        dtype = lora_table_dtype(original, self.model)
         check_device_memory(
             MultiLoRALinear.table_bytes(original, self.max_loras, self.max_rank, dtype), original.weight.device,
             f"the LoRA table of {name}", self.max_loras, self.max_rank,
@@ -598,7 +598,7 @@ def patch_model(
     )  # fmt: skip
     targeted = {name for adapter in adapters.values() for name in adapter.linears}
     need += sum(
-        MultiLoRALinear.table_bytes(linear, max_loras, max_rank, lora_table_dtype(linear, compute_dtype(model)))
+        MultiLoRALinear.table_bytes(linear, max_loras, max_rank, lora_table_dtype(linear, model))
         for linear in map(model.get_submodule, targeted)
     )
     check_device_memory(need, device, f"the LoRA tables of {len(blocks)} MoE blocks and {len(targeted)} linears",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterLoRA
-from .linear import SlotMapping, compute_dtype, lora_table_dtype
+from .linear import SlotMapping, lora_table_dtype
 from .lora import ExpertLoRASlots
 from .models import ExpertsSpec, MoEBlock
 from .ops.fused_experts import fused_experts
@@ -97,7 +97,7 @@ def check_finite(adapter: AdapterLoRA, source, model: nn.Module, blocks: list[Mo
     block_dtype = {b.name: b.dtype for b in blocks}
     checks = []
     for name, lora in adapter.linears.items():
-        dtype = lora_table_dtype(model.get_submodule(name), compute_dtype(model))
+        dtype = lora_table_dtype(model.get_submodule(name), model)
         checks += [
             (f"{name} lora_A", lora.a, dtype),
             (f"{name} lora_B", lora.b, dtype),

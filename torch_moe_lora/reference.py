@@ -180,6 +180,27 @@ def fused_experts_ref(
     return out
 
 
+def quantize_blocks_ref(
+    weight: torch.Tensor, block: tuple[int, int], rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [E, N, K]`` as float8 e4m3 with one float32 scale per ``block = (bn, bk)`` (its
+    absmax over the FP8 maximum), the FP8 checkpoints' recipe: ``(weight_fp8, scale [E, ceil(N / bn),
+    ceil(K / bk)])``, which ``dequantize_blocks_ref`` takes back to ``weight`` within FP8 rounding.
+    ``rows``: scale rows to allocate when more than the blocks need (transformers gives gate_up 2);
+    the extra rows hold 1. On ``weight``'s device."""
+    fp8 = torch.float8_e4m3fn
+    (E, N, K), (bn, bk) = weight.shape, block
+    nb, kb = -(-N // bn), -(-K // bk)
+    padded = torch.zeros(E, nb * bn, kb * bk, dtype=torch.float32, device=weight.device)
+    padded[:, :N, :K] = weight.float()
+    blocks = padded.view(E, nb, bn, kb, bk)
+    scale = (blocks.abs().amax(dim=(2, 4)) / torch.finfo(fp8).max).clamp_min(1e-12)
+    quantized = (blocks / scale[:, :, None, :, None]).view(E, nb * bn, kb * bk)[:, :N, :K].to(fp8)
+    if rows is not None and rows > nb:
+        scale = torch.cat([scale, torch.ones(E, rows - nb, kb, device=weight.device)], dim=1)
+    return quantized, scale
+
+
 def dequantize_blocks_ref(
     weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
