@@ -14,7 +14,9 @@ Each variant runs eager and compiled the way transformers compiles a static-cach
 ``--steps``, the device synchronized), the host milliseconds to issue one step on an idle device,
 dynamo's graphs and graph breaks and inductor's CUDA-graph skips for the compiled step, the kernel
 time of a profiled step against its wall time (kernels that add up to much less than the wall time:
-the step waits on the host), and the step's largest kernels. ``delta`` is the largest logit change
+the step waits on the host), and the step's largest kernels. The eager row also times the prefill
+(``prefill ms``: the whole prompt through the model, eager, as ``generate`` runs it) and lists the
+Python functions that take the most host time in one eager step (``--host-top``; cProfile). ``delta`` is the largest logit change
 against ``none`` on the same input (zero would mean the variant computes no LoRA). Results:
 ``<out>/<gpu>/profile_e2e.json`` and ``profile_e2e.txt``.
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import json
 import statistics
 import time
@@ -127,6 +131,21 @@ def kernel_profile(step, steps: int) -> dict:
     )
 
 
+def host_profile(step, top: int) -> list[dict]:
+    """The ``top`` Python functions by own host time in one ``step()`` (cProfile; the device synchronized after)."""
+    profiler = cProfile.Profile()
+    synchronize()
+    profiler.enable()
+    step()
+    synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = [(f"{Path(file).name}:{line}({name})", calls, own, total)
+            for (file, line, name), (_, calls, own, total, _) in stats.items()]  # fmt: skip
+    rows.sort(key=lambda row: -row[2])
+    return [dict(name=name, calls=calls, own_ms=1e3 * own, total_ms=1e3 * total) for name, calls, own, total in rows[:top]]
+
+
 def dynamo_counts() -> dict:
     counters = torch._dynamo.utils.counters
     return dict(
@@ -146,6 +165,8 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and mode")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument("--host-top", type=int, default=15, help="host functions listed for each eager step")
     parser.add_argument("--tiny", action="store_true", help="a tiny model in float32, small sizes: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -185,8 +206,8 @@ def main():
             linears, experts = VARIANTS[variant]
             handle.set_adapters(None if variant == "none" else names)
             with seen_by(model, handle.mapping, linears, experts):
-                modes = [("eager", model.forward)]
-                if CUDA:
+                modes = [("eager", model.forward)] if "eager" in args.modes else []
+                if CUDA and "compiled" in args.modes:
                     torch._dynamo.reset()
                     torch._dynamo.utils.counters.clear()
                     modes.append(("compiled", torch.compile(model.forward, mode="reduce-overhead", dynamic=False)))
@@ -198,15 +219,18 @@ def main():
                     first_s = time.perf_counter() - start
                     for _ in range(2):
                         step()
-                    delta = None
+                    delta = prefill = None
                     if mode == "eager":  # the logits of the prompt's first tokens, without the cache
                         logits = model(input_ids=prompt[:, :8]).logits.float()
                         reference = logits if variant == "none" else reference
                         delta = None if reference is None else (logits - reference).abs().max().item()
+                        prefill = step_ms(lambda: model(input_ids=prompt, use_cache=False), 3)
                     row = dict(variant=variant, mode=mode, first_s=first_s, step_ms=step_ms(step, args.steps),
-                               issue_ms=issue_ms(step), delta=delta, **kernel_profile(step, 3))  # fmt: skip
+                               issue_ms=issue_ms(step), prefill_ms=prefill, delta=delta, **kernel_profile(step, 3))  # fmt: skip
                     if mode == "compiled":
                         row.update(dynamo_counts())
+                    else:
+                        row["host"] = host_profile(step, args.host_top)
                     rows.append(row)
                     print(f"{variant:<8} {mode:<8} step {row['step_ms']:8.3f} ms  issue {row['issue_ms']:8.3f} ms  "
                           f"first {first_s:6.1f} s  delta {delta if delta is None else f'{delta:.3g}'}", flush=True)  # fmt: skip
@@ -214,19 +238,23 @@ def main():
     result = dict(title=title, device=gpu, torch=torch.__version__, transformers=transformers.__version__,
                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)  # fmt: skip
     (folder / "profile_e2e.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [title, f"{'variant':<8} {'mode':<8} {'step ms':>9} {'issue ms':>9} {'busy ms':>9} {'graphs':>6} "
-             f"{'breaks':>6} {'skips':>6} {'delta':>9}"]  # fmt: skip
+    lines = [title, f"{'variant':<8} {'mode':<8} {'step ms':>9} {'issue ms':>9} {'busy ms':>9} {'prefill ms':>10} "
+             f"{'graphs':>6} {'breaks':>6} {'skips':>6} {'delta':>9}"]  # fmt: skip
     for r in rows:
         busy = "-" if r["busy_ms"] is None else f"{r['busy_ms']:.3f}"
+        prefill = "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.3f}"
         counts = [str(r.get(k, "-")) for k in ("graphs", "graph_breaks", "cudagraph_skips")]
         delta = "-" if r["delta"] is None else f"{r['delta']:.3g}"
         lines.append(f"{r['variant']:<8} {r['mode']:<8} {r['step_ms']:9.3f} {r['issue_ms']:9.3f} {busy:>9} "
-                     f"{counts[0]:>6} {counts[1]:>6} {counts[2]:>6} {delta:>9}")  # fmt: skip
+                     f"{prefill:>10} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6} {delta:>9}")  # fmt: skip
     for r in rows:
         lines.append(
             f"\n{r['variant']} {r['mode']}: largest {'kernels' if CUDA else 'operators'} (us a step, calls a step)"
         )
         lines += [f"  {t['us']:10.1f} {t['calls']:6.1f}  {t['name']}" for t in r["top"]]
+        if "host" in r:
+            lines.append(f"{r['variant']} {r['mode']}: host time of one step by function (own ms, total ms, calls)")
+            lines += [f"  {h['own_ms']:8.3f} {h['total_ms']:8.3f} {h['calls']:6d}  {h['name']}" for h in r["host"]]
     (folder / "profile_e2e.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

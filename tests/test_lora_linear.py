@@ -221,6 +221,48 @@ def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
 
 
+def test_eager_calls_skip_the_dispatcher_only_where_they_are_the_same_call():
+    """The public functions run the implementation directly on plain tensors in eager mode, and go
+    through the op (so that modes, fake tensors and autograd see it) everywhere else."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torch_moe_lora.ops.checks import direct_call
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    args = _args(T=6, rows=3, L=2, R=4, IN=8, OUT=5)
+    want = args[0].clone()
+    add_lora_linear_torch(want, *args[1:])
+    assert direct_call(*args) and direct_call(torch.nn.Parameter(args[1], requires_grad=False), None)
+    out = args[0].clone()
+    add_lora_linear(out, *args[1:])
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with SeenOps() as seen:
+        assert not direct_call(*args)
+        out = args[0].clone()
+        add_lora_linear(out, *args[1:])
+    assert "moe_lora.add_lora_linear.default" in seen.ops
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in args]
+        assert not direct_call(*fake)
+    needs_grad = args[1].clone().requires_grad_()
+    assert not direct_call(args[0], needs_grad)
+    with torch.no_grad():
+        assert direct_call(args[0], needs_grad)
+    assert not direct_call(args[0], args[1].to("meta"))
+    if HAS_CUDA:
+        assert not direct_call(args[0], args[1].cuda())
+
+
 @requires_cuda
 def test_cuda_graph_replays_new_mappings():
     case = make_case(8, 4, 4, 16, 256, 384, torch.bfloat16, "cuda", 2)

@@ -150,9 +150,10 @@ class SlotMapping:
         if self.row_slot is None:
             return None
         rows = self._check_tokens(num_tokens)
+        row_slot = _on(self.row_slot, device)
         if self.per_token:
-            return self.row_slot.to(device)
-        return self.row_slot.to(device)[:, None].expand(rows, num_tokens // rows).reshape(num_tokens)
+            return row_slot
+        return row_slot[:, None].expand(rows, num_tokens // rows).reshape(num_tokens)
 
     def segments(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(row_order, slot_row_start)`` on ``device`` for ``num_tokens`` row-major tokens, or None.
@@ -163,7 +164,12 @@ class SlotMapping:
         if self.row_slot is None:
             return None
         self._check_tokens(num_tokens)
-        return self.row_order.to(device), self.slot_row_start.to(device)
+        return _on(self.row_order, device), _on(self.slot_row_start, device)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` (itself when it is there already: no dispatcher call in eager mode)."""
+    return t if t.device == device else t.to(device)
 
 
 def _fp8_linear_class() -> type | None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..configs import LaunchConfig, get_config
 from ..lora import LoRAWeights
 from ..reference import ACTIVATIONS, activation_ref
-from .checks import FLOAT_DTYPES, INDEX_DTYPES, spelled_shape
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, direct_call, spelled_shape
 from .fused_experts_triton import fused_experts_triton
 
 _OP = "moe_lora::fused_experts"
@@ -233,8 +233,7 @@ def check_token_lora_values(token_lora: torch.Tensor | None, num_slots: int) -> 
         )
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _fused_experts_op(
+def fused_experts_cpu(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -260,6 +259,8 @@ def _fused_experts_op(
     block_n: int = 0,
     block_k: int = 0,
 ) -> torch.Tensor:
+    """The op's portable implementation (the CPU path): checks, FP8 weights dequantized, then
+    ``fused_experts_torch``."""
     tensors = dict(w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora)
     lora = _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
     options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
@@ -270,6 +271,9 @@ def _fused_experts_op(
         w13 = dequantize_weight(w13, scales.w13_scale, *block, torch.float32)
         w2 = dequantize_weight(w2, scales.w2_scale, *block, torch.float32)
     return fused_experts_torch(x, topk_ids, topk_weights, w13, w2, **tensors, lora=lora, options=options)
+
+
+_fused_experts_op = torch.library.custom_op(_OP, fused_experts_cpu, mutates_args=())
 
 
 @_fused_experts_op.register_fake
@@ -289,12 +293,13 @@ def _(
 
 
 @_fused_experts_op.register_kernel("cuda")
-def _(
+def fused_experts_cuda(
     x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora,
     gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
     activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input,
     w13_scale=None, w2_scale=None, block_n=0, block_k=0,
 ):  # fmt: skip
+    """The op's CUDA implementation: checks, then the Triton kernels."""
     tensors = dict(w13_bias=w13_bias, w2_bias=w2_bias, token_lora=token_lora)
     lora = _lora_weights(gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale)
     options = ExpertOptions(activation, gated, interleaved, swiglu_alpha, swiglu_limit, weight_on_input)
@@ -451,10 +456,14 @@ def fused_experts(
 
     Returns:
         ``[T, H]`` in x's dtype (accumulated in float32).
+
+    In eager mode on plain CPU or CUDA tensors it runs the op's implementation directly
+    (``checks.direct_call``); compiled or traced, it calls the op.
     """
     lora_args = tuple(lora) if lora is not None else (None,) * 6
     options = ExpertOptions(activation, gated, interleaved, float(swiglu_alpha), float(swiglu_limit), weight_on_input)
     quantized = () if scales is None else tuple(scales)
-    return torch.ops.moe_lora.fused_experts(
-        x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args, *options, *quantized
-    )
+    args = (x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args, *options, *quantized)
+    if direct_call(*args[:14], *quantized[:2]):
+        return (fused_experts_cuda if x.is_cuda else fused_experts_cpu)(*args)
+    return torch.ops.moe_lora.fused_experts(*args)

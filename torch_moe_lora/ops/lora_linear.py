@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..configs import LinearLoRAConfig, get_linear_lora_config
-from .checks import FLOAT_DTYPES, INDEX_DTYPES, spelled_shape
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, direct_call, spelled_shape
 from .launch import dot_precision, rank_block
 
 _OP = "moe_lora::add_lora_linear"
@@ -264,7 +264,8 @@ def _(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
 
 
 @_add_lora_linear_op.register_kernel("cuda")
-def _(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+def add_lora_linear_cuda(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale) -> None:
+    """The op's CUDA implementation: checks, then the Triton kernels."""
     check_add_lora_linear_args(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
     add_lora_linear_triton(
         out, x, row_order.contiguous(), slot_row_start.contiguous(), lora_a, lora_b, lora_scale.contiguous()
@@ -317,5 +318,12 @@ def add_lora_linear(
             are zero).
         lora_b: ``[L, out, R]`` expand matrices in x's dtype.
         lora_scale: ``[L]`` float32 per-slot scaling (PEFT's ``alpha / r``).
+
+    In eager mode on plain CPU or CUDA tensors it runs the op's implementation directly
+    (``checks.direct_call``); compiled or traced, it calls the op.
     """
-    torch.ops.moe_lora.add_lora_linear(out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
+    args = (out, x, row_order, slot_row_start, lora_a, lora_b, lora_scale)
+    if direct_call(*args):
+        (add_lora_linear_cuda if x.is_cuda else add_lora_linear_torch)(*args)
+    else:
+        torch.ops.moe_lora.add_lora_linear(*args)
