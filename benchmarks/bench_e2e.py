@@ -22,7 +22,8 @@ Each row is printed when measured, and ``<out>/<gpu>/e2e.json`` and ``e2e_table.
 ratios the performance targets name) are rewritten after it. ``--parts`` with ``--merge`` splits a
 grid over several runs, each keeping the rows of the folder's ``e2e.json`` that it does not measure
 again; ``--static-adapters`` picks part static's patched rows (``16`` alone: GPT-OSS-20B's missing
-row, ``--models gpt_oss_20b --parts static --static-adapters 16 --merge``). ``plot.py`` draws
+row, ``--models gpt_oss_20b --parts static --static-adapters 16 --merge``); ``--unpatched`` adds the
+unpatched compiled row at ``--batch`` to the minimal grid (the first-call ratio). ``plot.py`` draws
 ``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
 (``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
 
@@ -370,6 +371,8 @@ def run_model(bench: Bench, model_name: str) -> None:
         for batch in batches:
             bench.static(model_name, model, None, batch, 0, compiled=False)
             bench.static(model_name, model, None, batch, 0, compiled=True)
+    elif args.unpatched and "static" in parts:
+        bench.static(model_name, model, None, sizes["batch"], 0, compiled=True)
     if "static" in parts:
         handle = repatch(16, 16)
         static_rows(args.static_adapters or ((0, 1, 16) if full else (0, 16)))
@@ -404,6 +407,8 @@ def main():
     parser.add_argument("--merge", action="store_true", help="keep the rows of <out>/<gpu>/e2e.json not measured again")
     parser.add_argument("--static-adapters", type=int, nargs="+", choices=[0, 1, 16],
                         help="adapter counts of part static's patched rows (minimal: 0 16; full: 0 1 16)")  # fmt: skip
+    parser.add_argument("--unpatched", action="store_true",
+                        help="minimal grid: part static also times the unpatched model, compiled, at --batch")  # fmt: skip
     parser.add_argument("--layers", type=int, help="layers of each model (default: all)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, help="batch of the minimal grid, the eager rows and the ratios (64)")

@@ -15,7 +15,8 @@ Each variant runs eager and compiled the way transformers compiles a static-cach
 dynamo's graphs and graph breaks and inductor's CUDA-graph skips for the compiled step, the kernel
 time of a profiled step against its wall time (kernels that add up to much less than the wall time:
 the step waits on the host), and the step's largest kernels. The eager row also times the prefill
-(``prefill ms``: the whole prompt through the model, eager, as ``generate`` runs it) and lists the
+(``prefill ms``: the whole prompt through the model, eager, as ``generate`` runs it; ``busy``: its
+kernel time, with its largest kernels) and lists the
 Python functions that take the most host time in one eager step (``--host-top``; cProfile). ``delta`` is the largest logit change
 against ``none`` on the same input (zero would mean the variant computes no LoRA). Results:
 ``<out>/<gpu>/profile_e2e.json`` and ``profile_e2e.txt``.
@@ -224,13 +225,18 @@ def main():
                         logits = model(input_ids=prompt[:, :8]).logits.float()
                         reference = logits if variant == "none" else reference
                         delta = None if reference is None else (logits - reference).abs().max().item()
-                        prefill = step_ms(lambda: model(input_ids=prompt, use_cache=False), 3)
+                        def prefill_step():
+                            return model(input_ids=prompt, use_cache=False)
+
+                        prefill = step_ms(prefill_step, 3)
+                        prefill_kernels = kernel_profile(prefill_step, 1)
                     row = dict(variant=variant, mode=mode, first_s=first_s, step_ms=step_ms(step, args.steps),
                                issue_ms=issue_ms(step), prefill_ms=prefill, delta=delta, **kernel_profile(step, 3))  # fmt: skip
                     if mode == "compiled":
                         row.update(dynamo_counts())
                     else:
                         row["host"] = host_profile(step, args.host_top)
+                        row.update(prefill_busy_ms=prefill_kernels["busy_ms"], prefill_top=prefill_kernels["top"])
                     rows.append(row)
                     print(f"{variant:<8} {mode:<8} step {row['step_ms']:8.3f} ms  issue {row['issue_ms']:8.3f} ms  "
                           f"first {first_s:6.1f} s  delta {delta if delta is None else f'{delta:.3g}'}", flush=True)  # fmt: skip
@@ -239,19 +245,23 @@ def main():
                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)  # fmt: skip
     (folder / "profile_e2e.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [title, f"{'variant':<8} {'mode':<8} {'step ms':>9} {'issue ms':>9} {'busy ms':>9} {'prefill ms':>10} "
-             f"{'graphs':>6} {'breaks':>6} {'skips':>6} {'delta':>9}"]  # fmt: skip
+             f"{'busy':>9} {'graphs':>6} {'breaks':>6} {'skips':>6} {'delta':>9}"]  # fmt: skip
     for r in rows:
         busy = "-" if r["busy_ms"] is None else f"{r['busy_ms']:.3f}"
         prefill = "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.3f}"
+        prefill_busy = "-" if r.get("prefill_busy_ms") is None else f"{r['prefill_busy_ms']:.3f}"
         counts = [str(r.get(k, "-")) for k in ("graphs", "graph_breaks", "cudagraph_skips")]
         delta = "-" if r["delta"] is None else f"{r['delta']:.3g}"
         lines.append(f"{r['variant']:<8} {r['mode']:<8} {r['step_ms']:9.3f} {r['issue_ms']:9.3f} {busy:>9} "
-                     f"{prefill:>10} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6} {delta:>9}")  # fmt: skip
+                     f"{prefill:>10} {prefill_busy:>9} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6} {delta:>9}")  # fmt: skip
     for r in rows:
         lines.append(
             f"\n{r['variant']} {r['mode']}: largest {'kernels' if CUDA else 'operators'} (us a step, calls a step)"
         )
         lines += [f"  {t['us']:10.1f} {t['calls']:6.1f}  {t['name']}" for t in r["top"]]
+        if r.get("prefill_top"):
+            lines.append(f"{r['variant']} {r['mode']}: largest kernels of the prefill (us, calls)")
+            lines += [f"  {t['us']:10.1f} {t['calls']:6.1f}  {t['name']}" for t in r["prefill_top"]]
         if "host" in r:
             lines.append(f"{r['variant']} {r['mode']}: host time of one step by function (own ms, total ms, calls)")
             lines += [f"  {h['own_ms']:8.3f} {h['total_ms']:8.3f} {h['calls']:6d}  {h['name']}" for h in r["host"]]
