@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import SHAPES, MoEShape, random_experts, random_lora, random_tokens, results_dir, token_mapping
 
 from torch_moe_lora import add_lora_linear, slot_segments
 from torch_moe_lora.ops.fused_experts import fused_experts
-
-from common import SHAPES, MoEShape, random_experts, random_lora, random_tokens, results_dir, token_mapping
 
 CUDA = torch.cuda.is_available()
 
@@ -102,7 +101,9 @@ def main():
         args.tokens, args.slots, args.rank, args.calls = [8], 4, 8, 3
     shape = SHAPES["qwen3_30b_a3b"] if not args.tiny else MoEShape(hidden=64, inter=32, num_experts=8, top_k=2)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    title = f"{gpu}: torch {torch.__version__}, qwen3_30b_a3b shapes, {args.slots} adapters r{args.rank}, host us a call"
+    title = (
+        f"{gpu}: torch {torch.__version__}, qwen3_30b_a3b shapes, {args.slots} adapters r{args.rank}, host us a call"
+    )
     lines = [title, f"{'call':<34} {'T':>6} {'op us':>9} {'direct us':>10} {'op/direct':>10} {'device ms':>10}"]
     print(title, flush=True)
     with torch.no_grad():

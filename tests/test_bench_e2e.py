@@ -153,3 +153,13 @@ def test_profile_splits_the_mapping_between_experts_and_linears(tmp_path):
     # The eager step runs the linears' LoRA where the linears see the mapping (host functions by own time).
     calls = {variant: any("add_lora_linear" in h["name"] for h in row["host"]) for variant, row in rows.items()}
     assert calls == dict(none=False, both=True, experts=False, linears=True), calls
+
+
+def test_host_benchmark_times_both_ways_of_calling_each_op(tmp_path):
+    """``benchmarks/bench_host.py --tiny``: a row per op, each with a positive host time through the
+    dispatcher and called directly."""
+    run_bench("--tiny", "--out", str(tmp_path), script="bench_host.py")
+    lines = (tmp_path / "cpu" / "host_table.txt").read_text().splitlines()
+    rows = [line.rsplit(maxsplit=5) for line in lines[2:]]
+    assert [row[0].strip() for row in rows] == ["add_lora_linear q_proj", "fused_experts, no LoRA", "fused_experts, LoRA"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 and float(row[5]) > 0 for row in rows), rows

@@ -27,7 +27,11 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
     CUDA device, none requiring grad with grad mode on (the dispatcher then raises as for any op
     without a derivative). ``None`` entries (optional arguments) are skipped.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
