@@ -24,6 +24,7 @@ from common import (
     NUM_SLOTS,
     SHAPES,
     measure_ceilings,
+    moe_roofline,
     random_experts,
     random_lora,
     random_tokens,
@@ -41,19 +42,6 @@ SPEEDUP_TARGETS = {1: 1.5, 64: 1.6, 4096: 1.5}
 """FP8 over bf16 op speedups the issue asks for, by T."""
 ROOFLINE_TARGET = (16, 256, 80.0)
 """From T, to T, % of the FP8 roofline."""
-
-
-def fp8_roofline(shape, topk_ids, token_lora, rank, ceilings) -> float:
-    """Seconds the FP8 op needs at least for one input set (bytes over read bandwidth or FLOPs over the matmul rate)."""
-    hidden, inter, num_experts, _ = shape
-    experts = torch.unique(topk_ids).numel()
-    base_bytes = experts * 3 * hidden * inter * (1 + 4 / BLOCK**2)
-    slots = token_lora.long()[:, None].expand_as(topk_ids)
-    pairs = torch.unique((slots * num_experts + topk_ids.long())[slots >= 0]).numel()
-    lora_bytes = pairs * rank * (2 * hidden + 3 * inter) * 2
-    act_bytes = 2 * topk_ids.shape[0] * hidden * 2
-    flops = 2 * topk_ids.numel() * (3 * hidden * inter + rank * (2 * hidden + 3 * inter))
-    return max((base_bytes + lora_bytes + act_bytes) / ceilings.read_bytes_per_s, flops / ceilings.matmul_flops_per_s)
 
 
 def run_shape(name, shape, tokens, adapters, rank, ceilings):
@@ -75,7 +63,12 @@ def run_shape(name, shape, tokens, adapters, rank, ceilings):
                 for i, m in zip(inputs, maps)
             ]
         )
-        roof_ms = 1e3 * sum(fp8_roofline(shape, i[1], m, rank, ceilings) for i, m in zip(inputs, maps)) / len(inputs)
+        fp8_bytes = 1 + 4 / BLOCK**2  # e4m3 weights and a float32 scale per block
+        roof_ms = (
+            1e3
+            * sum(moe_roofline(shape, i[1], m, rank, ceilings, fp8_bytes)[0] for i, m in zip(inputs, maps))
+            / len(inputs)
+        )
         # How far FP8 moves the output from bf16 on this input (quantization error, not a kernel error).
         x, ids, weights = inputs[0]
         ref = fused_experts(x, ids, weights, w13, w2, token_lora=maps[0], lora=lora).float()

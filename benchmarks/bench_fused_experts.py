@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch_moe_lora import fused_experts
 
 from common import (
-    NUM_SLOTS, SHAPES, TOKENS, measure_ceilings, random_experts, random_lora, random_tokens, results_dir, time_eager,
-    time_graph, token_mapping,
+    NUM_SLOTS, SHAPES, TOKENS, measure_ceilings, moe_roofline, random_experts, random_lora, random_tokens, results_dir,
+    time_eager, time_graph, token_mapping,
 )  # fmt: skip
 from performance_targets import summarize
 
@@ -89,25 +89,6 @@ def grouped_mm_base(xs, offsets, w13, w2):
     return torch._grouped_mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2.transpose(1, 2), offs=offsets)
 
 
-def roofline(shape, topk_ids, token_lora, rank, dtype_bytes, ceilings):
-    """(seconds, bytes, flops, lora byte share, lora flop share) for one input set."""
-    hidden, inter, num_experts, top_k = shape
-    experts = torch.unique(topk_ids)
-    base_bytes = experts.numel() * 3 * hidden * inter * dtype_bytes
-    slots = token_lora.long()[:, None].expand_as(topk_ids)
-    with_lora = slots >= 0
-    pairs = torch.unique((slots * num_experts + topk_ids.long())[with_lora])
-    lora_bytes = pairs.numel() * rank * (2 * hidden + 3 * inter) * dtype_bytes
-    act_bytes = 2 * topk_ids.shape[0] * hidden * dtype_bytes
-    num_pairs = topk_ids.numel()
-    base_flops = 2 * num_pairs * 3 * hidden * inter
-    lora_flops = 2 * int(with_lora.sum()) * rank * (2 * hidden + 3 * inter)
-    total_bytes = base_bytes + lora_bytes + act_bytes
-    total_flops = base_flops + lora_flops
-    seconds = max(total_bytes / ceilings.read_bytes_per_s, total_flops / ceilings.matmul_flops_per_s)
-    return seconds, total_bytes, total_flops, lora_bytes / total_bytes, lora_flops / total_flops
-
-
 def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloat16):
     hidden, inter, num_experts, top_k = shape
     w13, w2 = random_experts(shape, dtype)
@@ -136,7 +117,8 @@ def run_shape(name, shape, tokens, ranks, scenarios, ceilings, dtype=torch.bfloa
                 baseline_ms = time_eager(
                     [lambda i=i, m=m: torch_baseline(*i, w13, w2, m, lora) for i, m in zip(inputs, mappings)]
                 )
-                roof = [roofline(shape, i[1], m, rank, w13.element_size(), ceilings) for i, m in zip(inputs, mappings)]
+                roof = [moe_roofline(shape, i[1], m, rank, ceilings, w13.element_size(), w13.element_size())
+                        for i, m in zip(inputs, mappings)]  # fmt: skip
                 roof_ms = 1e3 * sum(r[0] for r in roof) / len(roof)
                 flops = sum(r[2] for r in roof) / len(roof)
                 row = dict(

@@ -189,6 +189,27 @@ def warm_up(fn, seconds: float) -> None:
         torch.cuda.synchronize()
 
 
+def moe_roofline(shape, topk_ids, token_lora, rank, ceilings, weight_bytes: float, dtype_bytes: int = 2):
+    """(seconds, bytes, flops, LoRA byte share, LoRA flop share) the fused experts op needs at least
+    for one input set: bytes over the read bandwidth or FLOPs over the matmul rate, whichever is more.
+
+    The bytes are the routed experts' weights read once (``weight_bytes`` an element, with any
+    scales: ``1 + 4 / block**2`` for FP8 with float32 block scales), each distinct (slot, expert)
+    pair's LoRA A and B, and x read and the output written (``dtype_bytes`` an element, as LoRA)."""
+    hidden, inter, num_experts, _ = shape
+    base_bytes = torch.unique(topk_ids).numel() * 3 * hidden * inter * weight_bytes
+    slots = token_lora.long()[:, None].expand_as(topk_ids)
+    with_lora = slots >= 0
+    pairs = torch.unique((slots * num_experts + topk_ids.long())[with_lora]).numel()
+    lora_bytes = pairs * rank * (2 * hidden + 3 * inter) * dtype_bytes
+    act_bytes = 2 * topk_ids.shape[0] * hidden * dtype_bytes
+    base_flops = 2 * topk_ids.numel() * 3 * hidden * inter
+    lora_flops = 2 * int(with_lora.sum()) * rank * (2 * hidden + 3 * inter)
+    total_bytes, total_flops = base_bytes + lora_bytes + act_bytes, base_flops + lora_flops
+    seconds = max(total_bytes / ceilings.read_bytes_per_s, total_flops / ceilings.matmul_flops_per_s)
+    return seconds, total_bytes, total_flops, lora_bytes / total_bytes, lora_flops / total_flops
+
+
 def random_lora(num_slots, num_experts, hidden, inter, rank, dtype, device="cuda") -> LoRAWeights:
     """A full slot table with random weights (every slot's rank is ``rank``)."""
     def rnd(*shape, fan_in):
