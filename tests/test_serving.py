@@ -253,6 +253,44 @@ def test_a_waiting_request_whose_adapter_came_in_does_not_wait_behind_others(ser
     assert len(swaps) == 2, f"{len(swaps)} swap-ins"
 
 
+def test_new_requests_of_a_resident_adapter_cannot_starve_a_waiting_one(served):
+    """One slot held by a running request of "a"; a request of "b" waits. Of the requests of "a" that
+    keep coming, ``BYPASS_LIMIT`` still go at once (beside the running one); the next waits behind
+    "b", so that the slot drains: "b" swaps in when the "a" requests that run are done, then "a"
+    again; every request matches PEFT. (Without the limit every new "a" request would go ahead of
+    "b", as long as they kept coming.)"""
+    from torch_moe_lora.serving import BYPASS_LIMIT
+
+    made, models = served
+    model = sdpa_model()
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()}, max_loras=1)
+    swapped = []
+    write = handle._write
+    names = {id(adapter): name for name, adapter in handle._store.host.items()}
+    handle._write = lambda slot, adapter: (swapped.append(names[id(adapter)]), write(slot, adapter))[1]
+    manager = handle.init_continuous_batching(GREEDY, cb_config())
+    first, waiting, *more = prompts((6, 5) + (3,) * (BYPASS_LIMIT + 2), seed=17)
+    requests = {}
+    with torch.no_grad():
+        running = handle.add_request(manager, first, adapter="a", max_new_tokens=8)
+        requests[running] = (first, "a", 8)
+        b = handle.add_request(manager, waiting, adapter="b", max_new_tokens=NEW_TOKENS)
+        requests[b] = (waiting, "b", NEW_TOKENS)
+        later = []
+        for prompt in more:
+            later.append(handle.add_request(manager, prompt, adapter="a", max_new_tokens=NEW_TOKENS))
+            requests[later[-1]] = (prompt, "a", NEW_TOKENS)
+        assert handle.serving.waiting() == [b, *later[BYPASS_LIMIT:]]
+        manager.start()
+        try:
+            results = wait_for(manager, list(requests), timeout=60.0)
+        finally:
+            manager.stop(block=True)
+    check_outputs(results, requests, models)
+    assert swapped == ["b", "a"], swapped
+    assert handle.serving.waiting() == []
+
+
 @requires_cuda
 def test_continuous_batching_with_cuda_graphs_on_the_gpu(served):
     """The GPU path with CUDA graphs on: graphs captured for padded token counts replay with the slots

@@ -79,6 +79,10 @@ class AdapterStore:
                 self._clock += 1
                 self._last_use[name] = self._clock
 
+    def least_recent(self, names: Iterable[str]) -> str | None:
+        """The least recently used of ``names``, or None if there are none."""
+        return min(names, key=lambda name: self._last_use.get(name, 0), default=None)
+
     def add(self, name: str, adapter: AdapterLoRA) -> None:
         self.host[name] = adapter
         self.touch([name])

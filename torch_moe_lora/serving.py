@@ -36,6 +36,9 @@ import transformers
 from packaging.version import Version
 
 MIN_TRANSFORMERS = "5.17.0"
+BYPASS_LIMIT = 4
+"""How many new requests of the adapter whose slot a waiting request will get may go ahead of it
+before that adapter drains (``RequestAdapters._drain``)."""
 _SERVING_ATTR = "_moe_lora_requests"
 _HOOKED = "_moe_lora_hooked"
 
@@ -87,6 +90,8 @@ class _Waiting:
     adapter: str
     input_ids: list[int]
     kwargs: dict
+    bypassed: int = 0
+    """Requests of the draining adapter that went ahead of this one (``RequestAdapters._drain``)."""
 
 
 class RequestAdapters:
@@ -112,6 +117,11 @@ class RequestAdapters:
         """Adapters of requests added and not yet finished (they keep their slots)."""
         with self._lock:
             return {name for name in self._adapter_of.values() if name is not None}
+
+    def waiting(self) -> list[str]:
+        """Ids of the requests waiting for their adapter's slot, first come first."""
+        with self._lock:
+            return [w.request_id for w in self._waiting]
 
     def running(self) -> bool:
         """Whether a manager that requests went through is running."""
@@ -168,6 +178,41 @@ class RequestAdapters:
         if released and self._waiting:
             self._wake.set()
 
+    def _drain(self) -> tuple[str | None, _Waiting | None]:
+        """``(adapter, request)``: the adapter whose slot ``request``, the first waiting request that
+        needs a slot, will get, or ``(None, None)``. Under the handle's lock.
+
+        While a request waits for a slot and none can be freed (every slot's adapter is in use), new
+        requests for resident adapters could keep every slot busy for ever. So the least recently
+        used adapter that only running requests use drains: up to ``BYPASS_LIMIT`` of its new requests
+        still go ahead (they run beside its running ones at no cost), later ones wait behind the
+        waiting request, its running ones finish, and its slot goes to that request.
+        """
+        store = self.handle._store
+        with self._lock:
+            first = next((w for w in self._waiting if w.adapter not in store.slot_of), None)
+        if first is None or store.free_slots():
+            return None, None
+        users = self.handle._in_use()
+        if any(name not in users for name in store.slot_of):
+            return None, None  # a slot can be freed now
+        return store.least_recent(name for name in store.slot_of if users[name] == "running requests"), first
+
+    def _place(self, adapter: str | None) -> bool:
+        """Gives ``adapter`` a slot (swapping it in if need be) unless it drains its slot (``_drain``)
+        or no slot can be freed; whether it has one. Under the handle's lock."""
+        draining, first = self._drain()
+        if adapter is not None and adapter == draining:
+            with self._lock:
+                if first.bypassed >= BYPASS_LIMIT:
+                    return False
+                first.bypassed += 1  # resident: the placement below cannot fail
+        try:
+            self.handle._make_resident([adapter])
+        except ValueError:
+            return False
+        return True
+
     # --- requests -------------------------------------------------------------------------------
 
     def add_request(
@@ -186,9 +231,7 @@ class RequestAdapters:
             with self._lock:
                 if request_id in self._adapter_of or any(w.request_id == request_id for w in self._waiting):
                     raise ValueError(f"request id {request_id!r} is already running")
-            try:
-                handle._make_resident([adapter])
-            except ValueError:
+            if not self._place(adapter):
                 with self._lock:
                     self._waiting.append(_Waiting(manager, request_id, adapter, list(input_ids), kwargs))
                 self._start_pump()
@@ -226,7 +269,8 @@ class RequestAdapters:
     def _admit_waiting(self) -> None:
         """Gives waiting requests their slots as slots come free, first come first served; a request
         whose adapter holds a slot by then (another waiting request's swap brought it in) goes at
-        once, as a new request for a resident adapter does, rather than behind one still waiting."""
+        once, as a new request for a resident adapter does, rather than behind one still waiting,
+        unless its adapter drains its slot (``_drain``)."""
         while True:
             self._wake.wait(timeout=0.05)
             self._wake.clear()
@@ -235,9 +279,7 @@ class RequestAdapters:
                 with self._lock:
                     waiting = list(self._waiting)
                 for request in waiting:
-                    try:
-                        self.handle._make_resident([request.adapter])
-                    except ValueError:  # no slot to be had: only requests of resident adapters go on
+                    if not self._place(request.adapter):  # only requests of resident adapters go on
                         continue
                     with self._lock:
                         self._waiting.remove(request)
