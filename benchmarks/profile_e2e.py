@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import inspect
 import pstats
 import json
 import statistics
@@ -184,15 +185,17 @@ def main():
     # Every step writes the next position of the cache: room for all of them after the prompt.
     steps_per_mode = args.steps + 8
     cache = StaticCache(config=model.config, max_cache_len=args.prompt + 2 * steps_per_mode * len(args.variants))
+    # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` goes in 5.40).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache)
+        model(input_ids=prompt, **{cache_arg: cache})
     token = prompt[:, -1:].clone()
 
     def decode(forward, compiled: bool):
         def step():
             if compiled:  # each step may overwrite the last one's outputs (CUDA graphs)
                 torch.compiler.cudagraph_mark_step_begin()
-            return forward(input_ids=token, past_key_values=cache).logits
+            return forward(input_ids=token, **{cache_arg: cache}).logits
 
         return step
 
