@@ -24,8 +24,8 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
     prefill eagerly, and there the host sets the pace. A direct call is taken only where it is the
     same call: not while compiling or tracing (dynamo, fake, proxy or functional tensors, a torch
     function or dispatch mode, a functorch transform), on plain tensors (or parameters) of one CPU or
-    CUDA device, none requiring grad with grad mode on (the dispatcher then raises as for any op
-    without a derivative). ``None`` entries (optional arguments) are skipped.
+    CUDA device, none requiring grad with grad mode on (autograd then sees the op, which has no
+    derivative: its output carries no gradient). ``None`` entries (optional arguments) are skipped.
     """
     if (
         torch.compiler.is_compiling()
@@ -35,15 +35,11 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    grad = torch.is_grad_enabled()
-    device = None
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TYPES or (grad and t.requires_grad) or t.device.type not in ("cpu", "cuda"):
-            return False
-        if device is None:
-            device = t.device
-        elif t.device != device:
-            return False  # the implementations' own checks name the tensor on another device
-    return True
+    present = [t for t in tensors if t is not None]
+    if not all(type(t) in _PLAIN_TYPES for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    # One device (the implementations' own checks name a tensor on another), a CPU or CUDA one.
+    devices = {t.device for t in present}
+    return len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
