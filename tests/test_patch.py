@@ -88,7 +88,9 @@ def test_mixed_batch_matches_peft_on_gpu(family, peft_adapters):
         logits = model(ids).logits
         tokens = model.generate(ids, **GENERATE)
     assert_rows_match(logits, ref_logits, ROWS, f"{family} GPU float32 mixed batch vs PEFT")
-    assert torch.equal(tokens, ref_tokens), f"{family}: GPU greedy tokens {tokens.tolist()} != PEFT {ref_tokens.tolist()}"
+    assert torch.equal(tokens, ref_tokens), (
+        f"{family}: GPU greedy tokens {tokens.tolist()} != PEFT {ref_tokens.tolist()}"
+    )
 
     bf16_models = {n: copy.deepcopy(m).to(torch.bfloat16) for n, m in models.items()}
     with torch.no_grad():
@@ -98,6 +100,44 @@ def test_mixed_batch_matches_peft_on_gpu(family, peft_adapters):
     with torch.no_grad(), handle_bf16.adapters(ROWS):
         ours_bf16 = model_bf16(ids).logits
     assert_error_is_pefts_own(ours_bf16, peft_bf16, ref_logits, f"{family} GPU bf16")
+
+
+@requires_cuda
+def test_patched_layers_never_wait_on_the_device_on_gpu(peft_adapters):
+    """Eager calls of every patched experts module and linear, with a mapping per batch row and with
+    a packed (per-token) one, never synchronize the host with the device: each layer's call, recorded
+    in a forward and made again under ``torch.cuda.set_sync_debug_mode("error")``, raises on any sync."""
+    family = "qwen3_moe"
+    made = peft_adapters(family)
+    model = tiny_model(family).cuda()
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+    layers = [b.experts for b in find_moe_blocks(model)]
+    layers += [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: calls.append((m, a, k)), with_kwargs=True)
+             for layer in layers]  # fmt: skip
+    ids = batch_ids().cuda()
+    packed = dict(names=["a", None, "c"], lengths=[5, 4, 3], ids=ids.view(1, -1)[:, :12])
+    mappings = [dict(names=ROWS, ids=ids), packed]
+    try:
+        for mapping in mappings:
+            with torch.no_grad(), handle.adapters(mapping["names"], lengths=mapping.get("lengths")):
+                calls.clear()
+                model(mapping["ids"])  # records every layer's call (and compiles the kernels)
+                recorded = list(calls)  # the calls below are recorded too
+                assert {id(m) for m, _, _ in recorded} == {id(layer) for layer in layers}
+                want = [m(*a, **k) for m, a, k in recorded]
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    got = [m(*a, **k) for m, a, k in recorded]
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_load_and_unload_live(peft_adapters):
