@@ -18,13 +18,14 @@ Rows of ``--grid full``; ``--grid minimal`` (the default) runs the starred ones,
 * part ``rank64``: as many adapters of rank 64 as fit (up to 16), compiled, at ``--batch``.
 GPT-OSS-20B runs the same; in the minimal grid only part ``static``.
 
-Each row is printed when measured, and ``<out>/<gpu>/e2e.json`` and ``e2e_table.txt`` (rows and the
-ratios the performance targets name) are rewritten after it. ``--parts`` with ``--merge`` splits a
-grid over several runs, each keeping the rows of the folder's ``e2e.json`` that it does not measure
-again; ``--static-adapters`` picks part static's patched rows (``16`` alone: GPT-OSS-20B's missing
-row, ``--models gpt_oss_20b --parts static --static-adapters 16 --merge``); ``--unpatched`` adds the
-unpatched compiled row at ``--batch`` to the minimal grid (the first-call ratio). ``plot.py`` draws
-``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
+Each row keeps the commit of the tree it measured (``--commit``, default git's HEAD), and a ratio
+of rows from two trees names both. Each row is printed when measured, and ``<out>/<gpu>/e2e.json``
+and ``e2e_table.txt`` (rows and the ratios the performance targets name) are rewritten after it.
+``--parts`` with ``--merge`` splits a grid over several runs, each keeping the rows of the folder's
+``e2e.json`` that it does not measure again; ``--static-adapters`` picks part static's patched
+rows (``16`` alone: GPT-OSS-20B's missing row, ``--models gpt_oss_20b --parts static
+--static-adapters 16 --merge``); ``--unpatched`` adds the unpatched compiled row at ``--batch`` to
+the minimal grid (the first-call ratio). ``plot.py`` draws ``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
 (``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
 
     python benchmarks/bench_e2e.py --out benchmarks/results
@@ -42,6 +43,7 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -189,7 +191,8 @@ class Bench:
         """Records a row (replacing a kept one of the same key), prints it and rewrites the files."""
         defaults = dict(batch=None, requests=None, adapters=0, slots=None, rank=None, compiled=False,
                         tokens_per_s=None, first_call_s=None, swap_in_s=None)  # fmt: skip
-        row = {**defaults, **row, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None}
+        row = {**defaults, **row, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
+               "commit": self.header.get("commit")}  # fmt: skip
         self.rows = [r for r in self.rows if any(r[k] != row[k] for k in ROW_KEY)] + [row]
         print(table_line(row), flush=True)
         self.write()
@@ -205,15 +208,18 @@ class Bench:
                     if match["kind"] == "static":
                         match.update(batch=self.sizes["batch"], compiled=CUDA)
                     found = [r for r in self.rows if all(r[key] == value for key, value in match.items())]
-                    values.append(found[0][field] if found else None)
+                    values.append(found[0] if found else None)
                 if None in values:
                     lines.append(f"  {model_name:<14}{what:<72}   n/a (rows not measured)")
                     continue
-                ratio = values[0] / values[1]
+                ratio = values[0][field] / values[1][field]
                 met = {">=": ratio >= target, ">": ratio > target, "<=": ratio <= target}[comparison]
-                entries.append(dict(model=model_name, what=what, ratio=ratio, target=f"{comparison} {target}", met=met))
+                trees = list(dict.fromkeys(str(r.get("commit")) for r in values))  # "None": a tree not recorded
+                entries.append(dict(model=model_name, what=what, ratio=ratio, target=f"{comparison} {target}", met=met,
+                                    trees=trees))  # fmt: skip
+                mixed = "" if len(trees) == 1 else ", rows of trees " + " and ".join(trees)
                 lines.append(f"  {model_name:<14}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
-                             f"{'met' if met else 'missed'})")  # fmt: skip
+                             f"{'met' if met else 'missed'}){mixed}")  # fmt: skip
         return entries, lines
 
     def write(self) -> list[str]:
@@ -399,6 +405,17 @@ def run_model(bench: Bench, model_name: str) -> None:
     unpatch()
 
 
+def git_commit() -> str | None:
+    """The short commit of this checkout's HEAD (uncommitted changes not told apart), or None where
+    the tree is not a git checkout: pass ``--commit`` there."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=["minimal", "full"], default="minimal")
@@ -408,7 +425,7 @@ def main():
     parser.add_argument("--static-adapters", type=int, nargs="+", choices=[0, 1, 16],
                         help="adapter counts of part static's patched rows (minimal: 0 16; full: 0 1 16)")  # fmt: skip
     parser.add_argument("--unpatched", action="store_true",
-                        help="minimal grid: part static also times the unpatched model, compiled, at --batch")  # fmt: skip
+                        help="minimal grid: part static also times the unpatched compiled model")  # fmt: skip
     parser.add_argument("--layers", type=int, help="layers of each model (default: all)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, help="batch of the minimal grid, the eager rows and the ratios (64)")
@@ -417,6 +434,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, help="new tokens of the static batches (32)")
     parser.add_argument("--requests", type=int, help="requests of the continuous-batching workload (256)")
     parser.add_argument("--repeats", type=int, help="timed generations per static row, after the first (3)")
+    parser.add_argument("--commit", help="the commit of the tree measured, kept in each row (default: git's HEAD here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny models, float32, small sizes: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -428,7 +446,8 @@ def main():
     torch._dynamo.config.recompile_limit = 64  # each batch and mapping kind compiles once per handle
     device_name = torch.cuda.get_device_name() if CUDA else "cpu"
     run = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key != "out"}
-    header = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__)
+    header = dict(device=device_name, torch=torch.__version__, transformers=transformers.__version__,
+                  commit=args.commit or git_commit())  # fmt: skip
     bench = Bench(args, sizes, results_dir(args.out, device_name), dict(header, sizes=sizes, runs=[run]))
     for model_name in args.models:
         run_model(bench, model_name)

@@ -94,12 +94,16 @@ def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
     replaced = fake_row("qwen3_30b_a3b", "continuous batching, no adapter", "continuous", 0)
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "e2e.json").write_text(json.dumps(dict(runs=[{}], rows=[kept, replaced])))
-    done = run_bench("--tiny", "--merge", "--static-adapters", "16", "--unpatched", "--out", str(tmp_path))
+    done = run_bench(
+        "--tiny", "--merge", "--static-adapters", "16", "--unpatched", "--commit", "abc1234", "--out", str(tmp_path)
+    )
     lines = [line for line in done.stdout.splitlines() if "skipped: compiled rows need CUDA" in line]
     skipped = [line.split(",")[0].split(maxsplit=1)[1] for line in lines]  # Qwen3 (parts static, slots32), GPT-OSS
     assert skipped == ["unpatched", "patched", "patched", "unpatched", "patched"], skipped
     assert [line.split(",")[1].strip() for line in lines if "patched," in line and "unpatched" not in line] == [
-        "16 adapters r16", "32 adapters r16", "16 adapters r16"
+        "16 adapters r16",
+        "32 adapters r16",
+        "16 adapters r16",
     ]
     result = json.loads((tmp_path / "cpu" / "e2e.json").read_text())
     assert len(result["runs"]) == 2 and result["rows"][0] == kept
@@ -108,6 +112,8 @@ def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
         "continuous batching, 64 adapters r16 via 16 slots", "swap-in of one adapter r16 (0.00 GiB)",
     ]  # fmt: skip
     assert all(r["model"] == "qwen3_30b_a3b" and (r["tokens_per_s"] or r["swap_in_s"]) > 0 for r in result["rows"][1:])
+    assert {r["commit"] for r in result["rows"][1:]} == {"abc1234"} and "commit" not in result["rows"][0]
+    assert all(entry["trees"] == ["abc1234"] for entry in result["ratios"]), result["ratios"]
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -161,5 +167,9 @@ def test_host_benchmark_times_both_ways_of_calling_each_op(tmp_path):
     run_bench("--tiny", "--out", str(tmp_path), script="bench_host.py")
     lines = (tmp_path / "cpu" / "host_table.txt").read_text().splitlines()
     rows = [line.rsplit(maxsplit=5) for line in lines[2:]]
-    assert [row[0].strip() for row in rows] == ["add_lora_linear q_proj", "fused_experts, no LoRA", "fused_experts, LoRA"]
+    assert [row[0].strip() for row in rows] == [
+        "add_lora_linear q_proj",
+        "fused_experts, no LoRA",
+        "fused_experts, LoRA",
+    ]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 and float(row[5]) > 0 for row in rows), rows
