@@ -25,8 +25,9 @@ and ``e2e_table.txt`` (rows and the ratios the performance targets name) are rew
 ``e2e.json`` that it does not measure again; ``--static-adapters`` picks part static's patched
 rows (``16`` alone: GPT-OSS-20B's missing row, ``--models gpt_oss_20b --parts static
 --static-adapters 16 --merge``); ``--unpatched`` adds the unpatched compiled row at ``--batch`` to
-the minimal grid (the first-call ratio). ``plot.py`` draws ``e2e.png``. ``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
-(``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
+the minimal grid (the first-call ratio). ``plot.py`` draws ``e2e.png``. ``--tiny``: tiny models
+in float32, small sizes, compiled rows skipped without CUDA (``tests/test_bench_e2e.py`` runs it
+and checks the adapters against PEFT).
 
     python benchmarks/bench_e2e.py --out benchmarks/results
     python benchmarks/bench_e2e.py --models qwen3_30b_a3b --parts serving --merge --out benchmarks/results
