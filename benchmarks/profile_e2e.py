@@ -16,9 +16,9 @@ dynamo's graphs and graph breaks and inductor's CUDA-graph skips for the compile
 time of a profiled step against its wall time (kernels that add up to much less than the wall time:
 the step waits on the host), and the step's largest kernels. The eager row also times the prefill
 (``prefill ms``: the whole prompt through the model, eager, as ``generate`` runs it; ``busy``: its
-kernel time, with its largest kernels) and lists the
-Python functions that take the most host time in one eager step (``--host-top``; cProfile). ``delta`` is the largest logit change
-against ``none`` on the same input (zero would mean the variant computes no LoRA). Results:
+kernel time, with its largest kernels) and lists the Python functions that take the most host time
+in one eager step (``--host-top``; cProfile). ``delta`` is the largest logit change against ``none``
+on the same input (zero would mean the variant computes no LoRA). Results:
 ``<out>/<gpu>/profile_e2e.json`` and ``profile_e2e.txt``.
 
     python benchmarks/profile_e2e.py --model qwen3_30b_a3b --layers 8 --out benchmarks/results
@@ -31,8 +31,8 @@ import argparse
 import contextlib
 import cProfile
 import inspect
-import pstats
 import json
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -145,7 +145,8 @@ def host_profile(step, top: int) -> list[dict]:
     rows = [(f"{Path(file).name}:{line}({name})", calls, own, total)
             for (file, line, name), (_, calls, own, total, _) in stats.items()]  # fmt: skip
     rows.sort(key=lambda row: -row[2])
-    return [dict(name=name, calls=calls, own_ms=1e3 * own, total_ms=1e3 * total) for name, calls, own, total in rows[:top]]
+    return [dict(name=name, calls=calls, own_ms=1e3 * own, total_ms=1e3 * total)
+            for name, calls, own, total in rows[:top]]  # fmt: skip
 
 
 def dynamo_counts() -> dict:
@@ -228,13 +229,15 @@ def main():
                         logits = model(input_ids=prompt[:, :8]).logits.float()
                         reference = logits if variant == "none" else reference
                         delta = None if reference is None else (logits - reference).abs().max().item()
+
                         def prefill_step():
                             return model(input_ids=prompt, use_cache=False)
 
                         prefill = step_ms(prefill_step, 3)
                         prefill_kernels = kernel_profile(prefill_step, 1)
                     row = dict(variant=variant, mode=mode, first_s=first_s, step_ms=step_ms(step, args.steps),
-                               issue_ms=issue_ms(step), prefill_ms=prefill, delta=delta, **kernel_profile(step, 3))  # fmt: skip
+                               issue_ms=issue_ms(step), prefill_ms=prefill, delta=delta,
+                               **kernel_profile(step, 3))  # fmt: skip
                     if mode == "compiled":
                         row.update(dynamo_counts())
                     else:
@@ -256,7 +259,8 @@ def main():
         counts = [str(r.get(k, "-")) for k in ("graphs", "graph_breaks", "cudagraph_skips")]
         delta = "-" if r["delta"] is None else f"{r['delta']:.3g}"
         lines.append(f"{r['variant']:<8} {r['mode']:<8} {r['step_ms']:9.3f} {r['issue_ms']:9.3f} {busy:>9} "
-                     f"{prefill:>10} {prefill_busy:>9} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6} {delta:>9}")  # fmt: skip
+                     f"{prefill:>10} {prefill_busy:>9} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6} "
+                     f"{delta:>9}")  # fmt: skip
     for r in rows:
         lines.append(
             f"\n{r['variant']} {r['mode']}: largest {'kernels' if CUDA else 'operators'} (us a step, calls a step)"

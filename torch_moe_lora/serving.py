@@ -201,8 +201,10 @@ class RequestAdapters:
     def _place(self, adapter: str | None) -> bool:
         """Gives ``adapter`` a slot (swapping it in if need be) unless it drains its slot (``_drain``)
         or no slot can be freed; whether it has one. Under the handle's lock."""
+        if adapter is None:
+            return True  # the base model needs no slot
         draining, first = self._drain()
-        if adapter is not None and adapter == draining:
+        if adapter == draining:
             with self._lock:
                 if first.bypassed >= BYPASS_LIMIT:
                     return False

@@ -463,7 +463,8 @@ def fused_experts(
     lora_args = tuple(lora) if lora is not None else (None,) * 6
     options = ExpertOptions(activation, gated, interleaved, float(swiglu_alpha), float(swiglu_limit), weight_on_input)
     quantized = () if scales is None else tuple(scales)
-    args = (x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args, *options, *quantized)
-    if direct_call(*args[:14], *quantized[:2]):
+    tensors = (x, topk_ids, topk_weights, w13, w2, w13_bias, w2_bias, token_lora, *lora_args)
+    args = (*tensors, *options, *quantized)
+    if direct_call(*tensors, *quantized[:2]):  # the scales' tensors, not their block sizes
         return (fused_experts_cuda if x.is_cuda else fused_experts_cpu)(*args)
     return torch.ops.moe_lora.fused_experts(*args)
