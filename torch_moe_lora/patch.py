@@ -251,7 +251,7 @@ class MoELoRAModel:
         ``adapters()`` block, or running continuous-batching requests."""
         users = {}
         if self.serving is not None:
-            users.update(dict.fromkeys(self.serving.in_use(), "running requests"))
+            users.update(dict.fromkeys(self.serving.in_use(), serving.RUNNING))
         for saved in self._saved_mappings:
             if saved is not None:
                 users.update(dict.fromkeys((n for n in saved.names if n is not None), "an enclosing adapters() block"))

@@ -39,6 +39,8 @@ MIN_TRANSFORMERS = "5.17.0"
 BYPASS_LIMIT = 4
 """How many new requests of the adapter whose slot a waiting request will get may go ahead of it
 before that adapter drains (``RequestAdapters._drain``)."""
+RUNNING = "running requests"
+"""What uses an adapter that requests added through a handle use (``MoELoRAModel._in_use``)."""
 _SERVING_ATTR = "_moe_lora_requests"
 _HOOKED = "_moe_lora_hooked"
 
@@ -196,7 +198,7 @@ class RequestAdapters:
         users = self.handle._in_use()
         if any(name not in users for name in store.slot_of):
             return None, None  # a slot can be freed now
-        return store.least_recent(name for name in store.slot_of if users[name] == "running requests"), first
+        return store.least_recent(name for name in store.slot_of if users[name] == RUNNING), first
 
     def _place(self, adapter: str | None) -> bool:
         """Gives ``adapter`` a slot (swapping it in if need be) unless it drains its slot (``_drain``)
