@@ -67,8 +67,10 @@ def linear_calls(tokens: int, slots: int, rank: int, dtype, device):
     a = torch.randn(slots, rank, in_features, dtype=dtype, device=device) * in_features**-0.5
     b = torch.randn(slots, out_features, rank, dtype=dtype, device=device) * rank**-0.5
     scale = torch.full((slots,), 0.5, device=device)
-    args = (out, x, *slot_segments(torch.arange(tokens, device=device) % slots, slots), a, b, scale)
-    return (lambda: torch.ops.moe_lora.add_lora_linear(*args)), (lambda: add_lora_linear(*args))
+    segments = slot_segments(torch.arange(tokens, device=device) % slots, slots)
+    op_args = ([out], x, *segments, [a], [b], [scale])
+    through_op = lambda: torch.ops.moe_lora.add_lora_linear(*op_args)  # noqa: E731
+    return through_op, (lambda: add_lora_linear(out, x, *segments, a, b, scale))
 
 
 def experts_calls(shape: MoEShape, tokens: int, slots: int, rank: int, lora: bool, dtype, device):

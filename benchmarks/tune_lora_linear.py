@@ -55,7 +55,7 @@ def make_timer(num_tokens: int, inputs: int = 4):
         total = 0.0
         for a, b, xs, outs in problems:
             calls = [
-                lambda x=x, out=out: add_lora_linear_triton(out, x, *segments, a, b, scale, config=config)
+                lambda x=x, out=out: add_lora_linear_triton([out], x, *segments, [a], [b], [scale], config=config)
                 for x, out in zip(xs, outs)
             ]
             total += time_graph(calls, replays=10, budget_ms=40.0)

@@ -117,7 +117,7 @@ def check() -> int:
         x = torch.randn(T, 2048, generator=gen).bfloat16()
         a, b = torch.randn(4, 16, 2048).bfloat16(), torch.randn(4, 512, 16).bfloat16()
         slots = torch.randint(-1, 4, (T,), generator=gen)
-        add_lora_linear_triton(x.new_zeros(T, 512), x, *slot_segments(slots, 4), a, b, torch.ones(4))
+        add_lora_linear_triton([x.new_zeros(T, 512)], x, *slot_segments(slots, 4), [a], [b], [torch.ones(4)])
     too_big = [(kernel, shared) for kernel, shared in compiled.values() if shared > H200_SHARED_MEMORY]
     for kernel, shared in too_big:
         print(f"FAILED {kernel}: {shared} bytes of shared memory, the H200 has {H200_SHARED_MEMORY}")

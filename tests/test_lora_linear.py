@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from utils import HAS_CUDA, assert_close_verbose, interpreted_examples, requires_cuda
 
-from torch_moe_lora import add_lora_linear, slot_segments
+from torch_moe_lora import add_lora_linear, add_lora_linear_group, slot_segments
 from torch_moe_lora.configs import LinearLoRAConfig, LinearLoRATiles
 from torch_moe_lora.ops.lora_linear import add_lora_linear_torch, add_lora_linear_triton
 from torch_moe_lora.reference import lora_linear_ref
@@ -47,7 +47,7 @@ def run(implementation, case, a=None, b=None, scale=None, config=None):
     row_order, slot_row_start = slot_segments(case["row_slot"], case["a"].shape[0])
     a, b = case["a"] if a is None else a, case["b"] if b is None else b
     scale = case["scale"] if scale is None else scale
-    args = (out, case["x"], row_order, slot_row_start, a, b, scale)
+    args = ([out], case["x"], row_order, slot_row_start, [a], [b], [scale])
     if implementation == "triton":
         add_lora_linear_triton(*args, config=config)
     else:
@@ -148,6 +148,88 @@ def test_triton_poisoned_slot_changes_no_other_row(data, poison):
     check_poisoned_slot_changes_no_other_row("triton", data, poison)
 
 
+@st.composite
+def group_cases(draw, dtypes):
+    """Several projections of one ``x`` (one to six: past ``MAX_PROJECTIONS``, a second launch),
+    each with its own width, tables and scales, sharing the mapping."""
+    rows, tokens_per_row = draw(st.integers(1, 5)), draw(st.sampled_from([1, 2, 3]))
+    slots, rank = draw(st.integers(1, 4)), draw(st.sampled_from([1, 4, 7, 16]))
+    in_features, dtype = draw(st.sampled_from([1, 8, 40, 130])), draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**31 - 1))
+    widths = draw(st.lists(st.sampled_from([1, 8, 17, 64]), min_size=1, max_size=6))
+    first = make_case(rows, tokens_per_row, slots, rank, in_features, widths[0], dtype, DEVICE, seed)
+    projections = [first] + [
+        make_case(
+            rows, tokens_per_row, slots, rank, in_features, width, dtype, DEVICE, seed + j, first["row_slot"].cpu()
+        )
+        for j, width in enumerate(widths[1:], 1)
+    ]
+    for case in projections:
+        case["x"] = first["x"]
+    return projections
+
+
+def run_group(implementation, projections, config=None, poison=None):
+    """Every projection's output after one call for all of them; ``poison(j, a)`` edits table ``j``'s A."""
+    first = projections[0]
+    outs = [case["base"].clone() for case in projections]
+    lora_a = [case["a"] if poison is None else poison(j, case["a"]) for j, case in enumerate(projections)]
+    row_order, slot_row_start = slot_segments(first["row_slot"], first["a"].shape[0])
+    lora_b, lora_scale = [c["b"] for c in projections], [c["scale"] for c in projections]
+    args = (outs, first["x"], row_order, slot_row_start, lora_a, lora_b, lora_scale)
+    if implementation == "triton":
+        add_lora_linear_triton(*args, config=config)
+    else:
+        add_lora_linear_torch(*args)
+    return outs
+
+
+def check_group_matches_reference(implementation, projections, config=None):
+    if implementation == "torch":
+        projections = [{k: v.cpu() for k, v in case.items()} for case in projections]
+    outs = run_group(implementation, projections, config)
+    for j, (out, case) in enumerate(zip(outs, projections)):
+        assert_close_verbose(out, expected(case), case["x"].dtype, f"add_lora_linear {implementation} projection {j}")
+    # One slot's NaN in one projection's A reaches no other slot's rows of any projection.
+    first = projections[0]
+    victim = int(first["row_slot"].max())
+    if victim >= 0:
+        nan_a = lambda j, a: a.index_fill(0, torch.tensor([victim], device=a.device), float("nan")) if j == 0 else a  # noqa: E731
+        poisoned = run_group(implementation, projections, config, poison=nan_a)
+        tokens_per_row = first["x"].shape[0] // first["row_slot"].shape[0]
+        others = (first["row_slot"] != victim).repeat_interleave(tokens_per_row)
+        for j, (clean, bad) in enumerate(zip(outs, poisoned)):
+            assert torch.equal(bad[others], clean[others]), f"slot {victim}'s NaN in projection 0 reached projection {j}"
+
+
+@given(projections=group_cases((torch.float32, torch.float16, torch.bfloat16)))
+def test_torch_group_matches_reference(projections):
+    check_group_matches_reference("torch", projections)
+
+
+@interpreted_examples(10)  # interpreted: two calls of up to two launches each, 1-4 s an example
+@given(projections=group_cases(TRITON_DTYPES), config=linear_configs())
+def test_triton_group_matches_reference(projections, config):
+    check_group_matches_reference("triton", projections, config)
+
+
+def test_group_arguments_are_named():
+    group = _args(T=8, rows=4, L=3, R=5, IN=12, OUT=7)
+    other = make_case(4, 2, 3, 5, 12, 3, torch.float32, DEVICE, 1)
+    outs, x, row_order, slot_row_start = [group[0], other["base"]], *group[1:4]
+    tables = [group[4], other["a"]], [group[5], other["b"]], [group[6], other["scale"]]
+    with pytest.raises(ValueError, match=r"lora_b\[1\] must be \[L, out, R\] = \[3, out, 5\]"):
+        add_lora_linear_group(outs, x, row_order, slot_row_start, tables[0], [group[5], other["b"][..., :2]], tables[2])
+    with pytest.raises(ValueError, match=r"share L and R: lora_a\[1\] is \[3, 2, 12\]"):
+        narrow = [group[4], other["a"][:, :2]], [group[5], other["b"][..., :2]]
+        add_lora_linear_group(outs, x, row_order, slot_row_start, *narrow, tables[2])
+    with pytest.raises(ValueError, match="one out, lora_a, lora_b and lora_scale per projection, got 2 outs, 1 lora_a"):
+        add_lora_linear_group(outs, x, row_order, slot_row_start, tables[0][:1], *tables[1:])
+    with pytest.raises(ValueError, match="share their column stride"):
+        wide = torch.zeros(3, 8, device=DEVICE).T
+        add_lora_linear_group([group[0], wide[:, :3]], x, row_order, slot_row_start, *tables)
+
+
 def test_nan_reaches_its_own_rows():
     """The poison test is not vacuous: the poisoned slot's own rows do turn NaN."""
     case = make_case(4, 3, 3, 4, 16, 8, torch.float32, DEVICE, 0, row_slot=torch.tensor([1, 0, -1, 1]))
@@ -171,6 +253,12 @@ def _args(T=6, rows=3, L=2, R=4, IN=8, OUT=5, dtype=torch.float32, device=DEVICE
     case = make_case(rows, T // rows, L, R, IN, OUT, dtype, device, 0)
     row_order, slot_row_start = slot_segments(case["row_slot"], L)
     return [case["base"], case["x"], row_order, slot_row_start, case["a"], case["b"], case["scale"]]
+
+
+def _as_group(args):
+    """The op's arguments (lists of one projection) from ``add_lora_linear``'s."""
+    out, x, row_order, slot_row_start, a, b, scale = args
+    return [out], x, row_order, slot_row_start, [a], [b], [scale]
 
 
 BAD_ARGS = [
@@ -198,8 +286,14 @@ def test_opcheck():
     examples = [_args(), _args(T=0, rows=3), _args(T=7, rows=7, L=3, R=1, IN=3, OUT=1), _args(T=4, rows=1, L=1)]
     if HAS_CUDA:
         examples.append(_args(T=33, rows=11, L=5, R=20, IN=130, OUT=70, dtype=torch.bfloat16))
+    group = _args(T=8, rows=4, L=3, R=5, IN=12, OUT=7)
+    second = make_case(4, 2, 3, 5, 12, 3, torch.float32, DEVICE, 1)
     for args in examples:
-        torch.library.opcheck(torch.ops.moe_lora.add_lora_linear.default, args)
+        torch.library.opcheck(torch.ops.moe_lora.add_lora_linear.default, _as_group(args))
+    torch.library.opcheck(
+        torch.ops.moe_lora.add_lora_linear.default,
+        ([group[0], second["base"]], *group[1:4], [group[4], second["a"]], [group[5], second["b"]], [group[6], second["scale"]]),
+    )
 
 
 def test_compile_fullgraph_matches_eager():
@@ -240,7 +334,7 @@ def test_eager_calls_skip_the_dispatcher_only_where_they_are_the_same_call():
 
     args = _args(T=6, rows=3, L=2, R=4, IN=8, OUT=5)
     want = args[0].clone()
-    add_lora_linear_torch(want, *args[1:])
+    add_lora_linear_torch(*_as_group([want, *args[1:]]))
     assert direct_call(*args) and direct_call(torch.nn.Parameter(args[1], requires_grad=False), None)
     out = args[0].clone()
     add_lora_linear(out, *args[1:])

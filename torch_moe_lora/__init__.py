@@ -3,7 +3,7 @@
 from .lora import ExpertLoRASlots, LoRAWeights
 from .ops import align as _align  # noqa: F401  (registers torch.ops.moe_lora.align_block_size)
 from .ops.fused_experts import WeightScales, fused_experts
-from .ops.lora_linear import add_lora_linear, slot_segments
+from .ops.lora_linear import add_lora_linear, add_lora_linear_group, slot_segments
 from .patch import patch_model
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LoRAWeights",
     "WeightScales",
     "add_lora_linear",
+    "add_lora_linear_group",
     "fused_experts",
     "patch_model",
     "slot_segments",
