@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from utils import (
     ADAPTERS,
@@ -35,7 +36,7 @@ from utils import (
 )
 
 from torch_moe_lora import patch_model
-from torch_moe_lora.linear import MultiLoRALinear, SlotMapping
+from torch_moe_lora.linear import MultiLoRALinear, SharedInputGroup, SlotMapping
 from torch_moe_lora.models import find_moe_blocks
 
 
@@ -304,6 +305,67 @@ def test_multi_lora_linear_matches_a_token_loop():
     assert wrapped.weight is linear.weight and wrapped.bias is linear.bias and wrapped.tag == "kept"
     with pytest.raises(ValueError, match="rank 5 > max_rank 4"):
         wrapped.set_slot(1, torch.randn(5, 12), torch.randn(10, 5), 1.0)
+
+
+class _LinearOpCalls(TorchDispatchMode):
+    """Counts ``moe_lora::add_lora_linear`` calls (eager public calls go through the op under a mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.moe_lora.add_lora_linear.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_shared_input_linears_share_one_lora_call(peft_adapters):
+    """q, k and v (and gate and up) of a layer run their LoRAs in one op call, and the logits equal,
+    bit for bit, those of the same model with every linear on its own."""
+    made = peft_adapters("qwen3_moe")
+    model = tiny_model("qwen3_moe")
+    handle = patch_model(model, {name: path for name, (path, _) in made.items()})
+    wrapped = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    attention = next(m for m in model.modules() if isinstance(getattr(m, "q_proj", None), MultiLoRALinear))
+    assert attention.q_proj.shared_input.members == [attention.q_proj, attention.k_proj, attention.v_proj]
+    groups = {id(m.shared_input): m.shared_input for m in wrapped if m.shared_input is not None}.values()
+    ids = batch_ids()
+    with torch.no_grad(), handle.adapters(ROWS):
+        with _LinearOpCalls() as grouped:
+            logits = model(ids).logits
+        assert all(group.pending is None for group in groups)
+        for m in wrapped:
+            SharedInputGroup.join([m])
+        with _LinearOpCalls() as alone:
+            alone_logits = model(ids).logits
+    assert torch.equal(logits, alone_logits)
+    assert alone.count == len(wrapped) and grouped.count == len(wrapped) - sum(len(g.members) - 1 for g in groups)
+    assert grouped.count < alone.count
+
+
+def test_shared_input_group_gives_each_member_its_own_output_in_any_order():
+    seed_all(0)
+    mapping = SlotMapping(2)
+    layers = [MultiLoRALinear(nn.Linear(6, width), num_slots=2, max_rank=3, row_slots=mapping) for width in (5, 4, 4)]
+    for j, layer in enumerate(layers):
+        for slot in range(2):
+            layer.set_slot(slot, torch.randn(3, 6), torch.randn(layer.out_features, 3), 0.5 + j)
+    x = torch.randn(2, 3, 6)
+    mapping.set([1, 0], torch.device("cpu"))
+    with torch.no_grad():
+        want = [layer(x) for layer in layers]
+        SharedInputGroup.join(layers)
+        group = layers[0].shared_input
+        for order in ([0, 1, 2], [2, 0, 1], [1, 1, 0, 2]):  # a member called again computes the group anew
+            for j in order:
+                assert torch.equal(layers[j](x), want[j]), f"member {j} in order {order}"
+            assert group.pending is None
+        assert torch.equal(layers[1](x), want[1]) and torch.equal(layers[2](x.clone()), want[2])  # another tensor
+        compiled = torch.compile(lambda x: [layer(x) for layer in layers], fullgraph=True, backend="aot_eager")
+        for got, expected in zip(compiled(torch.cat([x[:1], x[1:]])), want):
+            torch.testing.assert_close(got, expected)
+    assert group.pending is None  # the compiled call took every output it kept
+    torch._dynamo.reset()
 
 
 def test_routing_and_dense_layers_stay_the_models_own(peft_adapters):

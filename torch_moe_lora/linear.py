@@ -6,6 +6,11 @@ mapping (``SlotMapping``), and each token pays for, and reads, its own adapter o
 weights hold a NaN or an Inf, or whose delta overflows, changes its own rows and nothing else.
 Shapes are static and nothing reads device data on the host, so compiled code and CUDA graphs
 replay with new mappings.
+
+Linears that a model calls one after another on the same input (an attention's q, k and v; an
+MLP's gate and up) form a ``SharedInputGroup``: the first one called computes every member's
+output, with one ``add_lora_linear_group`` call for all their LoRAs (one shrink and one expand
+launch on the GPU), and the others take theirs when called with the same tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import nn
 
 from .ops.checks import FLOAT_DTYPES
-from .ops.lora_linear import add_lora_linear, slot_segments
+from .ops.lora_linear import add_lora_linear, add_lora_linear_group, slot_segments
 
 
 class SlotMapping:
@@ -270,6 +275,8 @@ class MultiLoRALinear(nn.Linear):
         self.register_buffer(
             "lora_scale", torch.zeros(num_slots, dtype=torch.float32, device=kw["device"]), persistent=False
         )
+        self.shared_input: SharedInputGroup | None = None
+        self.shared_input_index = 0
 
     @staticmethod
     def wrap(
@@ -327,9 +334,15 @@ class MultiLoRALinear(nn.Linear):
         self.lora_b[slot].zero_()
         self.lora_scale[slot] = 0.0
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's own output (no LoRA)."""
+        return super().forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` (row-major over the batch rows) -> ``[..., out]`` in x's dtype."""
-        out = super().forward(x)
+        if self.shared_input is not None:
+            return self.shared_input.output(self.shared_input_index, x)
+        out = self.base_forward(x)
         self.row_slots.check_rows(x, "a patched linear layer")
         segments = self.row_slots.segments(x.numel() // self.in_features, x.device)
         if segments is None:
@@ -340,3 +353,73 @@ class MultiLoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_slots={self.num_slots}, max_rank={self.max_rank}"
+
+
+class SharedInputGroup:
+    """``MultiLoRALinear`` layers a model calls one after another on the same input tensor (an
+    attention's q, k and v; an MLP's gate and up), whose LoRAs then run in one call.
+
+    The first member called with an input computes every member's output (their base layers, then
+    one ``add_lora_linear_group`` for all their LoRAs: on the GPU one shrink and one expand launch
+    in place of two per member) and keeps the others' outputs, keyed by that very tensor (``is``);
+    a member called with it takes its own, and the last one taken frees them. A member called with
+    any other tensor, or again, computes the whole group anew, so the outputs never depend on the
+    order or on which members are called; only the work does. Under ``torch.compile`` the kept
+    outputs live within one graph (``pending`` is None again once every member took its own).
+
+    Members share the input width, the mapping, and the slot tables' shapes, dtype and device
+    (``compatible``). Build one with ``join``.
+    """
+
+    def __init__(self, members: list[MultiLoRALinear]) -> None:
+        self.members = members
+        self.pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    @staticmethod
+    def compatible(members: list[MultiLoRALinear]) -> bool:
+        """Whether ``members`` can share their LoRA calls."""
+        first = members[0]
+        return all(
+            m.in_features == first.in_features
+            and m.row_slots is first.row_slots
+            and m.lora_a.shape[:2] == first.lora_a.shape[:2]
+            and m.lora_a.dtype == first.lora_a.dtype
+            and m.lora_a.device == first.lora_a.device
+            for m in members
+        )
+
+    @staticmethod
+    def join(members: list[MultiLoRALinear]) -> None:
+        """Makes ``members`` (each taken out of any group it was in) one group, if there are two or
+        more and they are ``compatible``; otherwise each runs alone."""
+        for m in members:
+            m.shared_input, m.shared_input_index = None, 0
+        if len(members) < 2 or not SharedInputGroup.compatible(members):
+            return
+        group = SharedInputGroup(list(members))
+        for index, m in enumerate(members):
+            m.shared_input, m.shared_input_index = group, index
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``index``'s output for ``x``: kept from the call that computed the group's, or
+        computed now with every other member's (which are then kept)."""
+        pending = self.pending
+        if pending is not None and pending[0] is x and index in pending[1]:
+            out = pending[1].pop(index)
+            if not pending[1]:
+                self.pending = None
+            return out
+        members = self.members
+        outs = [m.base_forward(x) for m in members]
+        first = members[0]
+        first.row_slots.check_rows(x, "a patched linear layer")
+        segments = first.row_slots.segments(x.numel() // first.in_features, x.device)
+        if segments is not None:
+            flat = [out.view(-1, m.out_features) for out, m in zip(outs, members)]
+            add_lora_linear_group(
+                flat, x.reshape(-1, first.in_features), *segments,
+                [m.lora_a for m in members], [m.lora_b for m in members], [m.lora_scale for m in members],
+            )  # fmt: skip
+        others = {j: out for j, out in enumerate(outs) if j != index}
+        self.pending = (x, others)
+        return outs[index]

@@ -193,6 +193,12 @@ class MoEFamily:
 _W_ROLES = {"w1": "gate", "w3": "up", "w2": "down"}
 _PROJ_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
+SHARED_INPUT_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling linears that transformers' decoder layers call one after another on the same input
+tensor (the attention's, the dense MLPs' and shared experts'); patched together they share one LoRA
+call (``linear.SharedInputGroup``). Where a model called them on different tensors, each would
+compute the whole group: the outputs stay right, only the work grows."""
+
 
 def _gpt_oss_gate(experts: nn.Module) -> Mapping[str, object]:
     # GptOssExperts._apply_gate: interleaved gate/up, clamped swiglu with alpha/limit attributes.

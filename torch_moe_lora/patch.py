@@ -23,9 +23,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import serving
 from .adapters import AdapterLoRA, BlockLoRA, check_adapter_name, read_adapter
-from .linear import MultiLoRALinear, SlotMapping, lora_table_dtype
+from .linear import MultiLoRALinear, SharedInputGroup, SlotMapping, lora_table_dtype
 from .lora import ExpertLoRASlots, check_device_memory
-from .models import MoEBlock, find_moe_blocks, whole_block_forward
+from .models import SHARED_INPUT_LINEARS, MoEBlock, find_moe_blocks, whole_block_forward
 from .parallel import ExpertSharding
 from .patching import (
     EXPERTS_IMPLEMENTATION,
@@ -143,6 +143,10 @@ class MoELoRAModel:
         wrapped = MultiLoRALinear.wrap(original, self.max_loras, self.max_rank, self.mapping, dtype)
         setattr(parent, child, wrapped)
         self._linears[name] = (original, wrapped)
+        prefix = f"{parent_name}." if parent_name else ""
+        for siblings in SHARED_INPUT_LINEARS:
+            if child in siblings:
+                SharedInputGroup.join([self._linears[prefix + s][1] for s in siblings if prefix + s in self._linears])
 
     def unpatch(self) -> nn.Module:
         """Restores the model's own experts, block forwards and linears; the handle is then unusable.
