@@ -1,8 +1,8 @@
 """Launches every CUDA align path, fused_experts calls (sorted and pair blocks, one shrink program
 per slot or per sub-block, weight tiles through pointers or tensor descriptors, FP8 weights with a
 scale per tile row and per element) and add_lora_linear
-calls (one token per row and rows of several tokens, odd widths, slots without tokens), for
-compute-sanitizer (GPU only).
+calls (one token per row and rows of several tokens, odd widths, slots without tokens; one
+projection and groups of three and of five), for compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from utils import REL_TOL, assert_aligned, make_problem  # noqa: E402
 
-from torch_moe_lora import WeightScales, add_lora_linear, fused_experts, slot_segments  # noqa: E402
+from torch_moe_lora import WeightScales, add_lora_linear, add_lora_linear_group, fused_experts, slot_segments  # noqa: E402
 from torch_moe_lora.ops.align import align_block_size  # noqa: E402
 from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config  # noqa: E402
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton  # noqa: E402
@@ -113,6 +113,18 @@ def check_lora_linear() -> None:
         rel = ((out.double() - ref).norm() / ref.norm()).item()
         assert rel <= REL_TOL[torch.float16], (rows, tokens_per_row, rel)
         print(f"add_lora_linear ok: {rows} rows x {tokens_per_row} tokens, rank {rank}, relative error {rel:.2e}")
+        widths = (n_out, 72, 40, 136, 8)[: 3 if tokens_per_row == 1 else 5]  # five: two launches
+        bs = [b] + [(torch.randn(slots, w, rank, generator=gen) * rank**-0.5).half().cuda() for w in widths[1:]]
+        bases = [base] + [torch.randn(rows * tokens_per_row, w, generator=gen).half().cuda() for w in widths[1:]]
+        outs = [t.clone() for t in bases]
+        a_s = [a] + [(torch.randn(slots, rank, n_in, generator=gen) * n_in**-0.5).half().cuda() for _ in widths[1:]]
+        scales = [scale] + [torch.rand(slots, generator=gen).cuda() for _ in widths[1:]]
+        add_lora_linear_group(outs, x, *slot_segments(row_slot, slots), a_s, bs, scales)
+        for j, (o, t, aj, bj, sj) in enumerate(zip(outs, bases, a_s, bs, scales)):
+            ref = t.double() + lora_linear_ref(x, row_slot.repeat_interleave(tokens_per_row), aj, bj, sj)
+            rel = ((o.double() - ref).norm() / ref.norm()).item()
+            assert rel <= REL_TOL[torch.float16], (rows, tokens_per_row, j, rel)
+        print(f"add_lora_linear_group ok: {len(widths)} projections, {rows} rows x {tokens_per_row} tokens")
 
 
 if __name__ == "__main__":
