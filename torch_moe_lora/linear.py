@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .ops.checks import FLOAT_DTYPES
-from .ops.lora_linear import add_lora_linear, add_lora_linear_group, slot_segments
+from .ops.lora_linear import add_lora_linear_group, slot_segments
 
 
 class SlotMapping:
@@ -343,12 +343,7 @@ class MultiLoRALinear(nn.Linear):
         if self.shared_input is not None:
             return self.shared_input.output(self.shared_input_index, x)
         out = self.base_forward(x)
-        self.row_slots.check_rows(x, "a patched linear layer")
-        segments = self.row_slots.segments(x.numel() // self.in_features, x.device)
-        if segments is None:
-            return out
-        flat_out = out.view(-1, self.out_features)
-        add_lora_linear(flat_out, x.reshape(-1, self.in_features), *segments, self.lora_a, self.lora_b, self.lora_scale)
+        add_loras([self], x, [out])
         return out
 
     def extra_repr(self) -> str:
@@ -409,17 +404,24 @@ class SharedInputGroup:
             if not pending[1]:
                 self.pending = None
             return out
-        members = self.members
-        outs = [m.base_forward(x) for m in members]
-        first = members[0]
-        first.row_slots.check_rows(x, "a patched linear layer")
-        segments = first.row_slots.segments(x.numel() // first.in_features, x.device)
-        if segments is not None:
-            flat = [out.view(-1, m.out_features) for out, m in zip(outs, members)]
-            add_lora_linear_group(
-                flat, x.reshape(-1, first.in_features), *segments,
-                [m.lora_a for m in members], [m.lora_b for m in members], [m.lora_scale for m in members],
-            )  # fmt: skip
+        outs = [m.base_forward(x) for m in self.members]
+        add_loras(self.members, x, outs)
         others = {j: out for j, out in enumerate(outs) if j != index}
         self.pending = (x, others)
         return outs[index]
+
+
+def add_loras(layers: list[MultiLoRALinear], x: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    """Adds to each ``outs[j]`` (``layers[j]``'s base output for ``x``, in place) the LoRA of every
+    token's slot, for all the layers in one ``add_lora_linear_group`` call; nothing without a mapping.
+    The layers share the input width and the mapping (``SharedInputGroup.compatible``)."""
+    first = layers[0]
+    first.row_slots.check_rows(x, "a patched linear layer")
+    segments = first.row_slots.segments(x.numel() // first.in_features, x.device)
+    if segments is None:
+        return
+    add_lora_linear_group(
+        [out.view(-1, layer.out_features) for out, layer in zip(outs, layers)], x.reshape(-1, first.in_features),
+        *segments, [layer.lora_a for layer in layers], [layer.lora_b for layer in layers],
+        [layer.lora_scale for layer in layers],
+    )  # fmt: skip
