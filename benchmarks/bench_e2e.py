@@ -10,7 +10,9 @@ Rows of ``--grid full``; ``--grid minimal`` (the default) runs the starred ones,
 * part ``static``: static batches (``generate``; compiled: a static cache, with which transformers
   compiles the decode step) at each of ``--batches``: the unpatched model eager and compiled;
   patched (16 slots) with no mapping* and 1 and 16* adapters round-robin over the rows, compiled,
-  and eager at ``--batch``; part ``slots32``: 32 adapters in 32 slots*, the same way;
+  and eager at ``--batch``; part ``slots32``: 32 slots with no mapping* and 32 adapters*, the same
+  way. The patched rows of one batch and handle are timed interleaved, a generation of each in
+  turn for ``--repeats`` rounds, and their ratio comes with its rounds' range;
 * part ``serving``: continuous batching (transformers' own, CUDA graphs) of ``--requests`` requests
   of mixed prompt (16-256) and output (16-128) lengths on the patched model: with no adapter*, over
   16 adapters* and over 64 adapters through 16 slots* (requests wait for slots); the same requests
@@ -60,7 +62,7 @@ from transformers.generation.configuration_utils import CompileConfig, Continuou
 from torch_moe_lora import patch_model
 
 SIZES = {
-    False: dict(batch=64, batches=[1, 16, 64, 256], prompt=64, new_tokens=32, requests=256, repeats=3,
+    False: dict(batch=64, batches=[1, 16, 64, 256], prompt=64, new_tokens=32, requests=256, repeats=5,
                 request_prompt=(16, 256), request_new_tokens=(16, 128), page=64, batch_tokens=256),
     True: dict(batch=4, batches=[1, 4], prompt=8, new_tokens=4, requests=8, repeats=1,
                request_prompt=(4, 24), request_new_tokens=(2, 8), page=16, batch_tokens=64),
@@ -138,10 +140,10 @@ def serve_once(manager, handle, requests: list[Request], tag: str) -> tuple[floa
 
 
 RATIOS = [
-    ("static batch, 16 adapters / no mapping", "tokens_per_s", dict(kind="static", patched=True, adapters=16),
-     dict(kind="static", patched=True, adapters=0), ">=", 0.93),
-    ("static batch, 32 adapters / no mapping", "tokens_per_s", dict(kind="static", patched=True, adapters=32),
-     dict(kind="static", patched=True, adapters=0), ">=", 0.9),
+    ("static batch, 16 adapters / no mapping", "tokens_per_s", dict(kind="static", patched=True, adapters=16, slots=16),
+     dict(kind="static", patched=True, adapters=0, slots=16), ">=", 0.93),
+    ("static batch, 32 adapters / no mapping", "tokens_per_s", dict(kind="static", patched=True, adapters=32, slots=32),
+     dict(kind="static", patched=True, adapters=0, slots=32), ">=", 0.9),
     ("continuous batching, 16 adapters / no adapter", "tokens_per_s",
      dict(kind="continuous", patched=True, adapters=16), dict(kind="continuous", patched=True, adapters=0), ">=", 0.9),
     ("continuous batching, 16 adapters / static batches of the same requests", "tokens_per_s",
@@ -151,7 +153,8 @@ RATIOS = [
 ]  # fmt: skip
 """The ratios the targets name: (what, row field, numerator row, denominator row, comparison, target).
 Static rows are those at ``--batch``, compiled (eager where there is no CUDA); rows with adapters
-are those of ``--rank``."""
+are those of ``--rank``. Rows measured interleaved (one ``interleave`` key) also give the ratio of
+each round, whose range the table prints."""
 COLUMNS = [
     ("model", "model", -14, "s"), ("setup", "setup", -58, "s"), ("batch", "batch", 6, "d"),
     ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"), ("tokens/s", "tokens_per_s", 11, ".1f"),
@@ -178,6 +181,7 @@ class Bench:
 
     def __init__(self, args, sizes: dict, folder: Path, header: dict):
         self.args, self.sizes, self.folder, self.header, self.rows = args, sizes, folder, header, []
+        self.started, self.interleaved = time.strftime("%Y%m%dT%H%M%S"), 0  # ``interleave`` keys of this run
         previous = folder / "e2e.json"
         if args.merge and previous.exists():
             kept = json.loads(previous.read_text())
@@ -191,7 +195,8 @@ class Bench:
     def add(self, **row) -> None:
         """Records a row (replacing a kept one of the same key), prints it and rewrites the files."""
         defaults = dict(batch=None, requests=None, adapters=0, slots=None, rank=None, compiled=False,
-                        tokens_per_s=None, first_call_s=None, swap_in_s=None)  # fmt: skip
+                        tokens_per_s=None, round_tokens_per_s=None, first_call_s=None, swap_in_s=None,
+                        interleave=None)  # fmt: skip
         row = {**defaults, **row, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
                "commit": self.header.get("commit")}  # fmt: skip
         self.rows = [r for r in self.rows if any(r[k] != row[k] for k in ROW_KEY)] + [row]
@@ -208,7 +213,10 @@ class Bench:
                     match = dict(match, model=model_name, **(dict(rank=self.args.rank) if match["adapters"] else {}))
                     if match["kind"] == "static":
                         match.update(batch=self.sizes["batch"], compiled=CUDA)
-                    found = [r for r in self.rows if all(r[key] == value for key, value in match.items())]
+                    found = [r for r in self.rows if all(r.get(key) == value for key, value in match.items())]
+                    # The denominator measured interleaved with the numerator, where there is one.
+                    key = values[0].get("interleave") if values and values[0] else None
+                    found.sort(key=lambda r: key is None or r.get("interleave") != key)
                     values.append(found[0] if found else None)
                 if None in values:
                     lines.append(f"  {model_name:<14}{what:<72}   n/a (rows not measured)")
@@ -216,11 +224,16 @@ class Bench:
                 ratio = values[0][field] / values[1][field]
                 met = {">=": ratio >= target, ">": ratio > target, "<=": ratio <= target}[comparison]
                 trees = list(dict.fromkeys(str(r.get("commit")) for r in values))  # "None": a tree not recorded
-                entries.append(dict(model=model_name, what=what, ratio=ratio, target=f"{comparison} {target}", met=met,
-                                    trees=trees))  # fmt: skip
-                mixed = "" if len(trees) == 1 else ", rows of trees " + " and ".join(trees)
+                entry = dict(model=model_name, what=what, ratio=ratio, target=f"{comparison} {target}", met=met,
+                             trees=trees)  # fmt: skip
+                note = "" if len(trees) == 1 else ", rows of trees " + " and ".join(trees)
+                if values[0].get("interleave") is not None and values[0]["interleave"] == values[1].get("interleave"):
+                    rounds = [a / b for a, b in zip(values[0]["round_tokens_per_s"], values[1]["round_tokens_per_s"])]
+                    entry["round_ratios"] = rounds
+                    note += f", interleaved: {len(rounds)} rounds {min(rounds):.3f}-{max(rounds):.3f}"
+                entries.append(entry)
                 lines.append(f"  {model_name:<14}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
-                             f"{'met' if met else 'missed'}){mixed}")  # fmt: skip
+                             f"{'met' if met else 'missed'}){note}")  # fmt: skip
         return entries, lines
 
     def write(self) -> list[str]:
@@ -239,29 +252,49 @@ class Bench:
             kwargs.update(cache_implementation="static", compile_config=CompileConfig(dynamic=False))
         return kwargs
 
-    def static(self, model_name, model, handle, batch: int, adapters: int, compiled: bool, rank: int | None = None):
-        """A static-batch row: ``batch`` random prompts, ``adapters`` adapters round-robin over the rows
-        (0: no mapping; ``handle`` None: the unpatched model)."""
-        what = "unpatched" if handle is None else f"{adapters} adapters r{rank}" if adapters else "no mapping"
-        setup = f"{'' if handle is None else 'patched, '}{what}, {'compiled' if compiled else 'eager'}"
+    def static(self, model_name, model, handle, batch: int, counts, compiled: bool, rank: int | None = None):
+        """Static-batch rows at ``batch``, one for each adapter count of ``counts`` (0: no mapping;
+        ``handle`` None: the unpatched model, ``counts`` ``(0,)``), each count's adapters round-robin
+        over the rows.
+
+        Each count's first generation is timed alone (the compile of a compiled row), then
+        ``repeats`` rounds time one generation of each count in turn: the rows of one call are
+        measured interleaved in one process, so their ratio is not one of two stretches of a shared
+        machine's time. Each row keeps its rounds' tokens/s (``round_tokens_per_s``), its median
+        (``tokens_per_s``) and the call's ``interleave`` key.
+        """
+        setups, names = {}, {}
+        for adapters in counts:
+            what = "unpatched" if handle is None else f"{adapters} adapters r{rank}" if adapters else "no mapping"
+            setups[adapters] = f"{'' if handle is None else 'patched, '}{what}, {'compiled' if compiled else 'eager'}"
+            names[adapters] = [f"lora{i % adapters}" for i in range(batch)] if adapters else None
         if compiled and not CUDA:
-            print(f"{model_name:<14}{setup:<58}skipped: compiled rows need CUDA", flush=True)
+            for setup in setups.values():
+                print(f"{model_name:<14}{setup:<58}skipped: compiled rows need CUDA", flush=True)
             return
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
         shape, generator = (batch, self.sizes["prompt"]), torch.Generator().manual_seed(batch)
         ids = torch.randint(1, model.config.vocab_size, shape, generator=generator).to(model.device)
         kwargs = dict(self.generate_kwargs(self.sizes["new_tokens"], compiled), attention_mask=torch.ones_like(ids))
-        names = [f"lora{i % adapters}" for i in range(batch)] if adapters else None
-        with contextlib.nullcontext() if handle is None else handle.adapters(names):
-            first = timed(lambda: model.generate(ids, **kwargs))
-            seconds = statistics.median(
-                timed(lambda: model.generate(ids, **kwargs)) for _ in range(self.sizes["repeats"])
-            )
-        self.add(model=model_name, setup=setup, kind="static", patched=handle is not None, compiled=compiled,
-                 batch=batch, adapters=adapters, slots=handle.max_loras if handle else None,
-                 rank=rank if adapters else None, tokens_per_s=batch * self.sizes["new_tokens"] / seconds,
-                 first_call_s=first)  # fmt: skip
+
+        def generate(adapters: int) -> float:
+            with contextlib.nullcontext() if handle is None else handle.adapters(names[adapters]):
+                return timed(lambda: model.generate(ids, **kwargs))
+
+        first = {adapters: generate(adapters) for adapters in counts}
+        tokens = batch * self.sizes["new_tokens"]
+        rounds = {adapters: [] for adapters in counts}
+        for _ in range(self.sizes["repeats"]):
+            for adapters in counts:
+                rounds[adapters].append(tokens / generate(adapters))
+        self.interleaved += 1
+        for adapters in counts:
+            self.add(model=model_name, setup=setups[adapters], kind="static", patched=handle is not None,
+                     compiled=compiled, batch=batch, adapters=adapters, slots=handle.max_loras if handle else None,
+                     rank=rank if adapters else None, tokens_per_s=statistics.median(rounds[adapters]),
+                     round_tokens_per_s=rounds[adapters], first_call_s=first[adapters],
+                     interleave=f"{self.header.get('commit')}/{self.started}/{self.interleaved}")  # fmt: skip
 
     def static_requests(self, model_name, model, handle, requests: list[Request], adapters: int, rank: int):
         """The workload's requests as static batches of ``--batch`` in arrival order, left-padded to the
@@ -369,23 +402,22 @@ def run_model(bench: Bench, model_name: str) -> None:
 
     def static_rows(counts):
         for batch in batches:
-            for count in counts:
-                if full and batch == sizes["batch"]:
-                    bench.static(model_name, model, handle, batch, count, compiled=False, rank=rank)
-                bench.static(model_name, model, handle, batch, count, compiled=True, rank=rank)
+            if full and batch == sizes["batch"]:
+                bench.static(model_name, model, handle, batch, counts, compiled=False, rank=rank)
+            bench.static(model_name, model, handle, batch, counts, compiled=True, rank=rank)
 
     if full and "static" in parts:
         for batch in batches:
-            bench.static(model_name, model, None, batch, 0, compiled=False)
-            bench.static(model_name, model, None, batch, 0, compiled=True)
+            bench.static(model_name, model, None, batch, (0,), compiled=False)
+            bench.static(model_name, model, None, batch, (0,), compiled=True)
     elif args.unpatched and "static" in parts:
-        bench.static(model_name, model, None, sizes["batch"], 0, compiled=True)
+        bench.static(model_name, model, None, sizes["batch"], (0,), compiled=True)
     if "static" in parts:
         handle = repatch(16, 16)
         static_rows(args.static_adapters or ((0, 1, 16) if full else (0, 16)))
     if "slots32" in parts:
         handle = repatch(32, 32)
-        static_rows((32,))
+        static_rows((0, 32))  # no mapping on the same handle: the 32-adapter ratio's rows interleaved
     if "serving" in parts:
         handle = repatch(16, 16)
         spread16 = with_adapters(requests, 16, args.seed)
@@ -402,7 +434,7 @@ def run_model(bench: Bench, model_name: str) -> None:
         per_slot = adapter_bytes(adapter_layout(model, 64), dtype)
         slots = max([n for n in (16, 8, 4, 2, 1) if n * per_slot <= free] or [1])
         handle = repatch(slots, slots, 64)
-        bench.static(model_name, model, handle, sizes["batch"], slots, compiled=CUDA, rank=64)
+        bench.static(model_name, model, handle, sizes["batch"], (slots,), compiled=CUDA, rank=64)
     unpatch()
 
 
@@ -434,7 +466,8 @@ def main():
     parser.add_argument("--prompt", type=int, help="prompt tokens of the static batches (64)")
     parser.add_argument("--new-tokens", type=int, help="new tokens of the static batches (32)")
     parser.add_argument("--requests", type=int, help="requests of the continuous-batching workload (256)")
-    parser.add_argument("--repeats", type=int, help="timed generations per static row, after the first (3)")
+    parser.add_argument("--repeats", type=int,
+                        help="rounds of timed generations of the static rows, interleaved, after the first (5)")  # fmt: skip
     parser.add_argument("--commit", help="the commit of the tree measured, kept in each row (default: git's HEAD here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny models, float32, small sizes: a smoke test")

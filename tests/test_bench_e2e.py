@@ -24,7 +24,7 @@ RANK = 16
 CPU_ROWS = [
     ("unpatched, eager", 1), ("unpatched, eager", 4),
     ("patched, no mapping, eager", 4), ("patched, 1 adapters r16, eager", 4), ("patched, 16 adapters r16, eager", 4),
-    ("patched, 32 adapters r16, eager", 4),
+    ("patched, no mapping, eager", 4), ("patched, 32 adapters r16, eager", 4),
     ("continuous batching, no adapter", None), ("continuous batching, 16 adapters r16", None),
     ("same requests as static batches, 16 adapters r16, eager", 4),
     ("continuous batching, 64 adapters r16 via 16 slots", None), ("swap-in of one adapter r16 (0.00 GiB)", None),
@@ -79,6 +79,24 @@ def test_tiny_full_grid_measures_every_row(tmp_path, bench):
     assert [(r["model"], r["what"]) for r in result["ratios"]] == [(m, r[0]) for m in MODELS for r in bench.RATIOS]
     table = (tmp_path / "cpu" / "e2e_table.txt").read_text().splitlines()
     assert table[1].startswith("model") and len(table) == 2 + len(result["rows"]) + 1 + len(result["ratios"])
+    # The patched static rows of one handle and batch are timed interleaved: one key, a rate per round.
+    for model in MODELS:
+        keys = {
+            slots: {r["interleave"] for r in result["rows"] if r["model"] == model and r["kind"] == "static"
+                    and r["patched"] and r["batch"] == 4 and r["slots"] == slots and r["rank"] in (None, RANK)}
+            for slots in (16, 32)
+        }  # fmt: skip
+        assert all(len(k) == 1 and None not in k for k in keys.values()) and keys[16] != keys[32], keys
+    for row in result["rows"]:
+        if row["kind"] == "static":
+            assert len(row["round_tokens_per_s"]) == 1 and row["tokens_per_s"] == row["round_tokens_per_s"][0], row
+    for entry in result["ratios"]:
+        if entry["what"].startswith("static batch"):
+            assert entry["round_ratios"] == [entry["ratio"]], entry
+            line = next(line for line in table if entry["what"] in line and entry["model"] in line)
+            assert "interleaved: 1 rounds" in line, line
+        else:
+            assert "round_ratios" not in entry, entry
 
 
 def fake_row(model: str, setup: str, kind: str, adapters: int) -> dict:
@@ -99,9 +117,10 @@ def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
     )
     lines = [line for line in done.stdout.splitlines() if "skipped: compiled rows need CUDA" in line]
     skipped = [line.split(",")[0].split(maxsplit=1)[1] for line in lines]  # Qwen3 (parts static, slots32), GPT-OSS
-    assert skipped == ["unpatched", "patched", "patched", "unpatched", "patched"], skipped
+    assert skipped == ["unpatched", "patched", "patched", "patched", "unpatched", "patched"], skipped
     assert [line.split(",")[1].strip() for line in lines if "patched," in line and "unpatched" not in line] == [
         "16 adapters r16",
+        "no mapping",
         "32 adapters r16",
         "16 adapters r16",
     ]
