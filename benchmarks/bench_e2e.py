@@ -466,8 +466,7 @@ def main():
     parser.add_argument("--prompt", type=int, help="prompt tokens of the static batches (64)")
     parser.add_argument("--new-tokens", type=int, help="new tokens of the static batches (32)")
     parser.add_argument("--requests", type=int, help="requests of the continuous-batching workload (256)")
-    parser.add_argument("--repeats", type=int,
-                        help="rounds of timed generations of the static rows, interleaved, after the first (5)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, help="interleaved rounds of static generations after the first (5)")
     parser.add_argument("--commit", help="the commit of the tree measured, kept in each row (default: git's HEAD here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny models, float32, small sizes: a smoke test")
