@@ -93,6 +93,11 @@ class AdapterStore:
         self._last_use.pop(name, None)
         return self.slot_of.pop(name, None)
 
+    def evictable(self, keep: Iterable[str]) -> list[str]:
+        """The resident adapters not in ``keep``, whose slots can be refilled: least recently used first."""
+        keep = set(keep)
+        return sorted((n for n in self.slot_of if n not in keep), key=lambda n: self._last_use.get(n, 0))
+
     def place(self, names: Iterable[str], in_use: set[str]) -> list[tuple[str, int]]:
         """Finds a slot for every adapter of ``names`` that has none: a free one, else the slot of the
         least recently used resident adapter that is neither in ``in_use`` nor in ``names`` (it stays
@@ -107,7 +112,7 @@ class AdapterStore:
             return []
         keep = set(names) | in_use
         free = self.free_slots()
-        evictable = sorted((n for n in self.slot_of if n not in keep), key=lambda n: self._last_use.get(n, 0))
+        evictable = self.evictable(keep)
         if len(wanted) > len(free) + len(evictable):
             raise ValueError(
                 f"adapters {wanted} need {len(wanted)} slot{'s' if len(wanted) > 1 else ''} but only "

@@ -196,7 +196,7 @@ class RequestAdapters:
         if first is None or store.free_slots():
             return None, None
         users = self.handle._in_use()
-        if any(name not in users for name in store.slot_of):
+        if store.evictable(users):
             return None, None  # a slot can be freed now
         return store.least_recent(name for name in store.slot_of if users[name] == RUNNING), first
 
