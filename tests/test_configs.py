@@ -27,8 +27,8 @@ def test_shipped_files_parse_and_hold_only_non_default_keys(name):
 
 def test_defaults_and_round_trip():
     config = LaunchConfig.from_dict(VALID)
-    switches = (config.sub_m, config.pair_blocks, config.tma, config.pdl, config.overlap_shrink)
-    assert switches == (16, False, False, True, True)
+    switches = (config.sub_m, config.pair_blocks, config.tma, config.pdl)
+    assert switches == (16, False, False, True)
     assert (config.shrink.max_block_r, config.shrink.slot_programs, config.sum.block_n) == (128, None, 1024)
     assert config.to_dict() == VALID
     assert LaunchConfig.from_dict(config.to_dict()) == config

@@ -93,9 +93,8 @@ class LaunchConfig(_Checked):
     gate block then up block, rows 16-byte aligned) instead of computed pointers."""
     pdl: bool = True
     """Programmatic dependent launch on sm_90+: each kernel launches while the previous one drains
-    and waits for its writes only before reading them."""
-    overlap_shrink: bool = True
-    """With ``pdl`` and LoRA, the GEMMs run their base K loop before waiting for the shrink kernel."""
+    and waits for its writes only before reading them; with LoRA the GEMMs also run their base K
+    loop before waiting for the shrink kernel."""
     gate_up: GemmTiles
     """Tiles of the gate_up GEMM (``h = act(w13 x + ...)``)."""
     down: GemmTiles

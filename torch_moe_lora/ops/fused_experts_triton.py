@@ -29,8 +29,8 @@ The launch config (``torch_moe_lora.configs.LaunchConfig``) sets the tiles and t
   the GEMMs read their expert weight tiles through tensor descriptors (the copy engine) instead of
   computed pointers.
 * ``pdl`` (sm_90+): programmatic dependent launch; each kernel launches while the previous one
-  drains and waits for its writes (``griddepcontrol.wait``) only before reading them. With
-  ``overlap_shrink`` the GEMMs run their base K loop before waiting for the shrink kernel.
+  drains and waits for its writes (``griddepcontrol.wait``) only before reading them. With LoRA
+  the GEMMs run their base K loop before waiting for the shrink kernel (``OVERLAP_SHRINK``).
 * ``shrink.slot_programs``: fewer shrink programs per sub-block, each taking several slots.
 
 FP8 (e4m3) expert weights come with their block scales: the GEMMs load FP8 tiles and convert them
@@ -422,7 +422,7 @@ def fused_experts_triton(
         config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales)
     )
     down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales))
-    overlap_shrink = pdl and has_lora and config.overlap_shrink
+    overlap_shrink = pdl and has_lora  # the base K loop before the wait for the shrink
     tma = config.tma and not options.interleaved and supports_tma(x.device)
     w13_desc = weight_descriptor(w13, gate_up_tiles.block_n, gate_up_tiles.block_k) if tma else None
     w2_desc = weight_descriptor(w2, down_tiles.block_n, down_tiles.block_k) if tma else None
