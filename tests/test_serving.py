@@ -268,6 +268,7 @@ def test_new_requests_of_a_resident_adapter_cannot_starve_a_waiting_one(served):
     write = handle._write
     names = {id(adapter): name for name, adapter in handle._store.host.items()}
     handle._write = lambda slot, adapter: (swapped.append(names[id(adapter)]), write(slot, adapter))[1]
+    assert handle.waiting_requests() == []  # no request yet
     manager = handle.init_continuous_batching(GREEDY, cb_config())
     first, waiting, *more = prompts((6, 5) + (3,) * (BYPASS_LIMIT + 2), seed=17)
     requests = {}
@@ -280,7 +281,7 @@ def test_new_requests_of_a_resident_adapter_cannot_starve_a_waiting_one(served):
         for prompt in more:
             later.append(handle.add_request(manager, prompt, adapter="a", max_new_tokens=NEW_TOKENS))
             requests[later[-1]] = (prompt, "a", NEW_TOKENS)
-        assert handle.serving.waiting() == [b, *later[BYPASS_LIMIT:]]
+        assert handle.waiting_requests() == [b, *later[BYPASS_LIMIT:]]
         manager.start()
         try:
             results = wait_for(manager, list(requests), timeout=60.0)
@@ -288,7 +289,7 @@ def test_new_requests_of_a_resident_adapter_cannot_starve_a_waiting_one(served):
             manager.stop(block=True)
     check_outputs(results, requests, models)
     assert swapped == ["b", "a"], swapped
-    assert handle.serving.waiting() == []
+    assert handle.waiting_requests() == []
 
 
 @requires_cuda

@@ -359,6 +359,11 @@ class MoELoRAModel:
 
     # --- continuous batching ------------------------------------------------------------------
 
+    def waiting_requests(self) -> list[str]:
+        """Ids of the continuous-batching requests added through this handle that wait for their
+        adapter's slot, first come first (none before the first request)."""
+        return [] if self.serving is None else self.serving.waiting()
+
     def _requests(self):
         if self.serving is None:
             self.serving = serving.RequestAdapters(self)
