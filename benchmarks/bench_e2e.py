@@ -16,7 +16,7 @@ Rows of ``--grid full``; ``--grid minimal`` (the default) runs the starred ones,
 * part ``serving``: continuous batching (transformers' own, CUDA graphs) of ``--requests`` requests
   of mixed prompt (16-256) and output (16-128) lengths on the patched model: with no adapter*, over
   16 adapters* and over 64 adapters through 16 slots* (requests wait for slots); the same requests
-  as compiled static batches of ``--batch``; the swap-in* of a registered host-only adapter;
+  as compiled static batches of ``--batch``*; the swap-in* of a registered host-only adapter;
 * part ``rank64``: as many adapters of rank 64 as fit (up to 16), compiled, at ``--batch``.
 GPT-OSS-20B runs the same; in the minimal grid only part ``static``.
 
@@ -26,10 +26,10 @@ and ``e2e_table.txt`` (rows and the ratios the performance targets name) are rew
 ``--parts`` with ``--merge`` splits a grid over several runs, each keeping the rows of the folder's
 ``e2e.json`` that it does not measure again; ``--static-adapters`` picks part static's patched
 rows (``16`` alone: GPT-OSS-20B's missing row, ``--models gpt_oss_20b --parts static
---static-adapters 16 --merge``); ``--unpatched`` adds the unpatched compiled row at ``--batch`` to
-the minimal grid (the first-call ratio). ``plot.py`` draws ``e2e.png``. ``--tiny``: tiny models
-in float32, small sizes, compiled rows skipped without CUDA (``tests/test_bench_e2e.py`` runs it
-and checks the adapters against PEFT).
+--static-adapters 16 --merge``); ``--unpatched`` adds the unpatched rows at ``--batch``, eager
+and compiled, to the minimal grid (the first-call ratio). ``plot.py`` draws ``e2e.png``.
+``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
+(``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
 
     python benchmarks/bench_e2e.py --out benchmarks/results
     python benchmarks/bench_e2e.py --models qwen3_30b_a3b --parts serving --merge --out benchmarks/results
@@ -411,6 +411,7 @@ def run_model(bench: Bench, model_name: str) -> None:
             bench.static(model_name, model, None, batch, (0,), compiled=False)
             bench.static(model_name, model, None, batch, (0,), compiled=True)
     elif args.unpatched and "static" in parts:
+        bench.static(model_name, model, None, sizes["batch"], (0,), compiled=False)
         bench.static(model_name, model, None, sizes["batch"], (0,), compiled=True)
     if "static" in parts:
         handle = repatch(16, 16)
@@ -423,8 +424,7 @@ def run_model(bench: Bench, model_name: str) -> None:
         spread16 = with_adapters(requests, 16, args.seed)
         bench.serve(model_name, handle, requests, 0)
         bench.serve(model_name, handle, spread16, 16, rank)
-        if full:
-            bench.static_requests(model_name, model, handle, spread16, 16, rank)
+        bench.static_requests(model_name, model, handle, spread16, 16, rank)
         register(handle, layout, rank, range(16, 64), device, dtype)
         bench.serve(model_name, handle, with_adapters(requests, 64, args.seed), 64, rank)
         bench.swap_in(model_name, handle, layout, rank, dtype)
@@ -458,7 +458,7 @@ def main():
     parser.add_argument("--static-adapters", type=int, nargs="+", choices=[0, 1, 16],
                         help="adapter counts of part static's patched rows (minimal: 0 16; full: 0 1 16)")  # fmt: skip
     parser.add_argument("--unpatched", action="store_true",
-                        help="minimal grid: part static also times the unpatched compiled model")  # fmt: skip
+                        help="minimal grid: part static also times the unpatched model, eager and compiled")  # fmt: skip
     parser.add_argument("--layers", type=int, help="layers of each model (default: all)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, help="batch of the minimal grid, the eager rows and the ratios (64)")

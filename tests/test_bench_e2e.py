@@ -106,8 +106,10 @@ def fake_row(model: str, setup: str, kind: str, adapters: int) -> dict:
 
 
 def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
-    """The default grid on the CPU: the compiled rows skipped, the serving rows of Qwen3 measured; with
-    ``--merge`` a row of an earlier run it does not measure stays, one it measures again is replaced."""
+    """The default grid on the CPU: the compiled rows skipped, the eager unpatched rows (``--unpatched``)
+    and the serving rows of Qwen3 (continuous batching, the same requests as static batches, the
+    swap-in) measured; with ``--merge`` a row of an earlier run it does not measure stays, one it
+    measures again is replaced."""
     kept = fake_row("gpt_oss_20b", "continuous batching, 16 adapters r16", "continuous", 16)
     replaced = fake_row("qwen3_30b_a3b", "continuous batching, no adapter", "continuous", 0)
     (tmp_path / "cpu").mkdir()
@@ -126,11 +128,16 @@ def test_tiny_minimal_grid_merges_into_the_rows_there(tmp_path):
     ]
     result = json.loads((tmp_path / "cpu" / "e2e.json").read_text())
     assert len(result["runs"]) == 2 and result["rows"][0] == kept
-    assert [r["setup"] for r in result["rows"][1:]] == [
-        "continuous batching, no adapter", "continuous batching, 16 adapters r16",
-        "continuous batching, 64 adapters r16 via 16 slots", "swap-in of one adapter r16 (0.00 GiB)",
-    ]  # fmt: skip
-    assert all(r["model"] == "qwen3_30b_a3b" and (r["tokens_per_s"] or r["swap_in_s"]) > 0 for r in result["rows"][1:])
+    assert [(r["model"], r["setup"]) for r in result["rows"][1:]] == [
+        ("qwen3_30b_a3b", "unpatched, eager"),
+        ("qwen3_30b_a3b", "continuous batching, no adapter"),
+        ("qwen3_30b_a3b", "continuous batching, 16 adapters r16"),
+        ("qwen3_30b_a3b", "same requests as static batches, 16 adapters r16, eager"),
+        ("qwen3_30b_a3b", "continuous batching, 64 adapters r16 via 16 slots"),
+        ("qwen3_30b_a3b", "swap-in of one adapter r16 (0.00 GiB)"),
+        ("gpt_oss_20b", "unpatched, eager"),
+    ]
+    assert all((r["tokens_per_s"] or r["swap_in_s"]) > 0 for r in result["rows"][1:])
     assert {r["commit"] for r in result["rows"][1:]} == {"abc1234"} and "commit" not in result["rows"][0]
     assert all(entry["trees"] == ["abc1234"] for entry in result["ratios"]), result["ratios"]
 
