@@ -152,12 +152,13 @@ RATIOS = [
      dict(kind="static", patched=False, adapters=0), "<=", 1.2),
 ]  # fmt: skip
 """The ratios the targets name: (what, row field, numerator row, denominator row, comparison, target).
-Static rows are those at ``--batch``, compiled (eager where there is no CUDA); rows with adapters
-are those of ``--rank``. Rows measured interleaved (one ``interleave`` key) also give the ratio of
+Static rows are those at ``--batch``, compiled (eager where there is no CUDA), the others those of
+``--requests`` requests; rows with adapters are those of ``--rank``. Rows measured interleaved (one ``interleave`` key) also give the ratio of
 each round, whose range the table prints."""
 COLUMNS = [
     ("model", "model", -14, "s"), ("setup", "setup", -58, "s"), ("batch", "batch", 6, "d"),
-    ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"), ("tokens/s", "tokens_per_s", 11, ".1f"),
+    ("requests", "requests", 9, "d"), ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"),
+    ("tokens/s", "tokens_per_s", 11, ".1f"),
     ("first s", "first_call_s", 9, ".2f"), ("peak GiB", "peak_gib", 9, ".1f"), ("swap ms", "swap_in_ms", 9, ".1f"),
 ]  # fmt: skip
 """Table columns: header, row field, width (negative: left-aligned), format."""
@@ -213,6 +214,8 @@ class Bench:
                     match = dict(match, model=model_name, **(dict(rank=self.args.rank) if match["adapters"] else {}))
                     if match["kind"] == "static":
                         match.update(batch=self.sizes["batch"], compiled=CUDA)
+                    else:  # the workload of this run's --requests
+                        match.update(requests=self.sizes["requests"])
                     found = [r for r in self.rows if all(r.get(key) == value for key, value in match.items())]
                     # The denominator measured interleaved with the numerator, where there is one.
                     key = values[0].get("interleave") if values and values[0] else None
