@@ -261,6 +261,36 @@ def test_slot_writes_refuse_integer_and_complex_tensors():
         linear.set_slot(0, torch.ones(2, 8), torch.ones(4, 2, dtype=torch.int32), 1.0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e6])
+def test_slot_writes_refuse_non_finite_values_and_leave_the_slot_as_it_was(bad):
+    """A NaN, an Inf or a value that overflows the table's dtype (float16 here) is refused before the
+    slot changes; a later write of a lower rank leaves nothing of the higher-rank adapter it replaces."""
+    E, H, I, R = 2, 8, 4, 4
+    slots = ExpertLoRASlots(2, E, H, I, R, split_gate_up=True, interleaved=True, dtype=torch.float16)
+    linear = MultiLoRALinear(torch.nn.Linear(H, I).half(), 2, R, SlotMapping(2))
+    pair = lambda r, i, o: (torch.rand(E, r, i) + 0.5, torch.rand(E, o, r) + 0.5)  # noqa: E731
+    slots.set_slot(1, gate=pair(R, H, I), up=pair(R, H, I), down=pair(R, I, H), gate_up_scale=2.0)
+    linear.set_slot(1, torch.rand(R, H), torch.rand(I, R), 2.0)
+    before = [t.clone() for t in (*slots.weights, linear.lora_a, linear.lora_b, linear.lora_scale)]
+    for role in ("gate", "up", "down"):
+        a, b = pair(2, I if role == "down" else H, H if role == "down" else I)
+        b[0, 1, 1] = bad
+        with pytest.raises(ValueError, match=f"{role} B holds NaN or Inf in the table's dtype torch.float16"):
+            slots.set_slot(1, **{role: (a, b)})
+    with pytest.raises(ValueError, match="must be finite in the table's dtype torch.float16"):
+        linear.set_slot(1, torch.full((2, H), bad), torch.rand(I, 2), 1.0)
+    after = [*slots.weights, linear.lora_a, linear.lora_b, linear.lora_scale]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    gate, down = pair(2, H, I), pair(1, I, H)
+    slots.set_slot(1, gate=gate, down=down, down_scale=0.5)
+    w = slots.weights
+    assert torch.equal(w.gate_up_a[1, :, :2], gate[0].half()) and not w.gate_up_a[1, :, 2:].any()
+    assert torch.equal(w.gate_up_b[1, :, 0::2, :2], gate[1].half()) and not w.gate_up_b[1, :, 1::2].any()
+    assert not w.gate_up_b[1, :, :, 2:].any() and torch.equal(w.down_b[1, :, :, :1], down[1].half())
+    assert not w.down_a[1, :, 1:].any() and not w.down_b[1, :, :, 1:].any()
+    assert w.gate_up_scale[1] == 1.0 and w.down_scale[1] == 0.5 and not any(t[0].any() for t in w)
+
+
 def test_import_registers_every_op():
     code = "import torch, torch_moe_lora; torch.ops.moe_lora.align_block_size; torch.ops.moe_lora.add_lora_linear"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -293,13 +293,15 @@ class MultiLoRALinear(nn.Linear):
         elements = num_slots * max_rank * (linear.in_features + linear.out_features)
         return elements * (dtype or lora_table_dtype(linear)).itemsize + num_slots * 4
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Writes one adapter into ``slot`` in place.
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, *, check_finite: bool = True) -> None:
+        """Writes one adapter into ``slot`` in place (every check first; the copies ``non_blocking``).
 
         Args:
             slot: in ``[0, L)``.
             a: ``[r, in]``; b: ``[out, r]`` with ``r <= R`` (real floating point, any device).
             scale: the LoRA scaling (a real number).
+            check_finite: refuse A or B with a NaN or Inf in the table's dtype (the check waits for
+                the device where they are on it); False only for values already checked so.
         """
         for name, t in (("a", a), ("b", b)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -307,6 +309,8 @@ class MultiLoRALinear(nn.Linear):
                 raise TypeError(f"MultiLoRALinear.set_slot: {name} must be a real floating-point tensor, got {what}")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"MultiLoRALinear.set_slot: scale must be a real number, got {type(scale).__name__}")
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"MultiLoRALinear: slot {slot} outside [0, {self.num_slots})")
         rank = a.shape[0] if a.dim() == 2 else -1
         if a.shape != (rank, self.in_features) or b.shape != (self.out_features, rank):
             raise ValueError(
@@ -316,14 +320,17 @@ class MultiLoRALinear(nn.Linear):
         if rank > self.max_rank:
             raise ValueError(f"MultiLoRALinear.set_slot: rank {rank} > max_rank {self.max_rank}")
         dtype = self.lora_a.dtype
-        if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite(b.to(dtype)).all() and math.isfinite(scale)):
+        finite = math.isfinite(scale) and (
+            not check_finite or bool(torch.isfinite(a.to(dtype)).all() and torch.isfinite(b.to(dtype)).all())
+        )
+        if not finite:
             raise ValueError(
                 f"MultiLoRALinear.set_slot: A, B and scale must be finite in the table's dtype {dtype} (a NaN or Inf, "
                 "or a value that overflows it)"
             )
         self.clear_slot(slot)
-        self.lora_a[slot, :rank].copy_(a)
-        self.lora_b[slot, :, :rank].copy_(b)
+        self.lora_a[slot, :rank].copy_(a, non_blocking=True)
+        self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
         self.lora_scale[slot] = scale
 
     def clear_slot(self, slot: int) -> None:

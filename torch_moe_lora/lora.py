@@ -124,10 +124,6 @@ class ExpertLoRASlots:
         per_expert = shrink * hidden_size + rows * max_rank + max_rank * intermediate_size + hidden_size * max_rank
         return num_slots * num_experts * per_expert * dtype.itemsize + 2 * num_slots * 4
 
-    def _gate_rows(self) -> torch.Tensor:
-        rows = torch.arange(self.weights.gate_up_b.shape[2], device=self.weights.gate_up_b.device)
-        return rows % 2 == 0 if self.interleaved else rows < self.intermediate_size
-
     def _check_pair(self, name: str, pair, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"ExpertLoRASlots.set_slot: {name} must be a pair (A, B) of tensors, got {type(pair).__name__}")
@@ -157,8 +153,12 @@ class ExpertLoRASlots:
         down: tuple[torch.Tensor, torch.Tensor] | None = None,
         gate_up_scale: float = 1.0,
         down_scale: float = 1.0,
+        check_finite: bool = True,
     ) -> None:
         """Writes one adapter into ``slot`` (overwriting it); projections not given stay zero.
+
+        Every check runs before the slot changes; the matrices are then copied straight into the
+        table (``non_blocking``: from pinned host memory the copies do not wait for the device).
 
         Args:
             gate_up: ``(A [E, r, H], B [E, 2I, r])``, one joint LoRA over the gate_up rows in the
@@ -167,6 +167,9 @@ class ExpertLoRASlots:
             down: ``(A [E, r, I], B [E, H, r])``.
             gate_up_scale, down_scale: scaling applied to the deltas (PEFT's ``alpha / r``); fold any
                 difference between gate and up scales into their B before calling.
+            check_finite: refuse matrices with a NaN or Inf in the table's dtype. That check waits
+                for the device where they are on it; pass False only for values already checked in
+                the table's dtype (as the patched model does for the host copies it swaps in).
         """
         w = self.weights
         if not 0 <= slot < self.num_slots:
@@ -174,46 +177,43 @@ class ExpertLoRASlots:
         for name, scale in (("gate_up_scale", gate_up_scale), ("down_scale", down_scale)):
             if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
                 raise TypeError(f"ExpertLoRASlots.set_slot: {name} must be a real number, got {type(scale).__name__}")
+            if not math.isfinite(scale):
+                raise ValueError(f"ExpertLoRASlots.set_slot: {name} must be finite, got {scale}")
         if gate_up is not None and (gate is not None or up is not None):
             raise ValueError("ExpertLoRASlots.set_slot: pass gate_up or gate/up, not both")
         if (gate is not None or up is not None) and not w.split_gate_up:
             raise ValueError("ExpertLoRASlots.set_slot: separate gate/up LoRAs need a table built with split_gate_up=True")
         R, H, I = self.max_rank, self.hidden_size, self.intermediate_size
-        E, rows = self.num_experts, w.gate_up_b.shape[2]
-        new_a = w.gate_up_a.new_zeros(w.gate_up_a.shape[1:])
-        new_b = w.gate_up_b.new_zeros(w.gate_up_b.shape[1:])
+        rows = w.gate_up_b.shape[2]
+        gate_a, gate_up_b, down_a, down_b = w.gate_up_a[slot], w.gate_up_b[slot], w.down_a[slot], w.down_b[slot]
+        writes = []  # (what, table view, source)
         if gate_up is not None:
             a, b = self._check_pair("gate_up", gate_up, H, rows)
-            new_a[:, : a.shape[1]] = a
+            r = a.shape[1]
+            writes += [("gate_up A", gate_a[:, :r], a), ("gate_up B", gate_up_b[:, :, :r], b)]
             if w.split_gate_up:
-                new_a[:, R : R + a.shape[1]] = a
-            new_b[:, :, : b.shape[2]] = b
-        gate_rows = self._gate_rows()
-        for name, pair, offset, row_mask in (("gate", gate, 0, gate_rows), ("up", up, R, ~gate_rows)):
-            if pair is None:
-                continue
-            a, b = self._check_pair(name, pair, H, I)
-            new_a[:, offset : offset + a.shape[1]] = a
-            new_b[:, row_mask, : b.shape[2]] = b.to(new_b.dtype)
-        new_down_a = w.down_a.new_zeros(E, R, I)
-        new_down_b = w.down_b.new_zeros(E, H, R)
+                writes.append(("gate_up A", gate_a[:, R : R + r], a))
+        gate_rows, up_rows = (slice(0, None, 2), slice(1, None, 2)) if self.interleaved else (slice(0, I), slice(I, None))
+        for name, pair, offset, row_slice in (("gate", gate, 0, gate_rows), ("up", up, R, up_rows)):
+            if pair is not None:
+                a, b = self._check_pair(name, pair, H, I)
+                r = a.shape[1]
+                writes += [(f"{name} A", gate_a[:, offset : offset + r], a), (f"{name} B", gate_up_b[:, row_slice, :r], b)]
         if down is not None:
             a, b = self._check_pair("down", down, I, H)
-            new_down_a[:, : a.shape[1]] = a
-            new_down_b[:, :, : b.shape[2]] = b
-        for name, t in (("gate_up A", new_a), ("gate_up B", new_b), ("down A", new_down_a), ("down B", new_down_b)):
-            if not torch.isfinite(t).all():
-                raise ValueError(
-                    f"ExpertLoRASlots.set_slot: {name} holds NaN or Inf in the table's dtype {t.dtype} (a non-finite "
-                    "value, or one that overflows it)"
-                )
-        for name, scale in (("gate_up_scale", gate_up_scale), ("down_scale", down_scale)):
-            if not math.isfinite(scale):
-                raise ValueError(f"ExpertLoRASlots.set_slot: {name} must be finite, got {scale}")
-        w.gate_up_a[slot].copy_(new_a)
-        w.gate_up_b[slot].copy_(new_b)
-        w.down_a[slot].copy_(new_down_a)
-        w.down_b[slot].copy_(new_down_b)
+            r = a.shape[1]
+            writes += [("down A", down_a[:, :r], a), ("down B", down_b[:, :, :r], b)]
+        if check_finite:
+            for name, view, source in writes:
+                if not torch.isfinite(source.to(view.dtype)).all():
+                    raise ValueError(
+                        f"ExpertLoRASlots.set_slot: {name} holds NaN or Inf in the table's dtype {view.dtype} (a "
+                        "non-finite value, or one that overflows it)"
+                    )
+        for t in (gate_a, gate_up_b, down_a, down_b):
+            t.zero_()
+        for _, view, source in writes:
+            view.copy_(source, non_blocking=True)
         w.gate_up_scale[slot] = gate_up_scale
         w.down_scale[slot] = down_scale
 

@@ -236,19 +236,16 @@ class MoELoRAModel:
             if lora is None:
                 linear.clear_slot(slot)
             else:
-                linear.set_slot(slot, lora.a, lora.b, lora.scale)
+                linear.set_slot(slot, lora.a, lora.b, lora.scale, check_finite=False)
         for block_name, table in self._tables.items():
             lora = adapter.experts.get(block_name)
             if lora is None:
                 table.clear_slot(slot)
                 continue
-            device = table.weights.gate_up_a.device
-            pairs = {
-                role: tuple(t.to(device, non_blocking=True) for t in pair)
-                for role, pair in zip(BlockLoRA._fields[:4], lora[:4])
-                if pair is not None
-            }
-            table.set_slot(slot, **pairs, gate_up_scale=lora.gate_up_scale, down_scale=lora.down_scale)
+            pairs = {role: pair for role, pair in zip(BlockLoRA._fields[:4], lora[:4]) if pair is not None}
+            table.set_slot(
+                slot, **pairs, gate_up_scale=lora.gate_up_scale, down_scale=lora.down_scale, check_finite=False
+            )
 
     def _in_use(self, current: bool = True) -> dict[str, str]:
         """Adapter name -> what uses it: the mapping (unless ``current`` is False), an enclosing
