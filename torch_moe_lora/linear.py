@@ -294,14 +294,15 @@ class MultiLoRALinear(nn.Linear):
         return elements * (dtype or lora_table_dtype(linear)).itemsize + num_slots * 4
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, *, check_finite: bool = True) -> None:
-        """Writes one adapter into ``slot`` in place (every check first; the copies ``non_blocking``).
+        """Writes one adapter into ``slot`` in place (every check first).
 
         Args:
             slot: in ``[0, L)``.
             a: ``[r, in]``; b: ``[out, r]`` with ``r <= R`` (real floating point, any device).
             scale: the LoRA scaling (a real number).
             check_finite: refuse A or B with a NaN or Inf in the table's dtype (the check waits for
-                the device where they are on it); False only for values already checked so.
+                the device where they are on it); False only for values already checked so. False
+                also copies ``non_blocking``: keep pinned host sources unchanged after the call.
         """
         for name, t in (("a", a), ("b", b)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -329,8 +330,8 @@ class MultiLoRALinear(nn.Linear):
                 "or a value that overflows it)"
             )
         self.clear_slot(slot)
-        self.lora_a[slot, :rank].copy_(a, non_blocking=True)
-        self.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
+        self.lora_a[slot, :rank].copy_(a, non_blocking=not check_finite)
+        self.lora_b[slot, :, :rank].copy_(b, non_blocking=not check_finite)
         self.lora_scale[slot] = scale
 
     def clear_slot(self, slot: int) -> None:

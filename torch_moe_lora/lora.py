@@ -158,7 +158,7 @@ class ExpertLoRASlots:
         """Writes one adapter into ``slot`` (overwriting it); projections not given stay zero.
 
         Every check runs before the slot changes; the matrices are then copied straight into the
-        table (``non_blocking``: from pinned host memory the copies do not wait for the device).
+        table.
 
         Args:
             gate_up: ``(A [E, r, H], B [E, 2I, r])``, one joint LoRA over the gate_up rows in the
@@ -169,7 +169,9 @@ class ExpertLoRASlots:
                 difference between gate and up scales into their B before calling.
             check_finite: refuse matrices with a NaN or Inf in the table's dtype. That check waits
                 for the device where they are on it; pass False only for values already checked in
-                the table's dtype (as the patched model does for the host copies it swaps in).
+                the table's dtype (as the patched model does for the host copies it swaps in). False
+                also copies ``non_blocking`` (from pinned host memory the call returns before the
+                device has read them: keep them unchanged).
         """
         w = self.weights
         if not 0 <= slot < self.num_slots:
@@ -213,7 +215,7 @@ class ExpertLoRASlots:
         for t in (gate_a, gate_up_b, down_a, down_b):
             t.zero_()
         for _, view, source in writes:
-            view.copy_(source, non_blocking=True)
+            view.copy_(source, non_blocking=not check_finite)
         w.gate_up_scale[slot] = gate_up_scale
         w.down_scale[slot] = down_scale
 
