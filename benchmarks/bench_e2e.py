@@ -70,7 +70,7 @@ SIZES = {
 """Default sizes, full-size and ``--tiny`` (``page``, ``batch_tokens``: the continuous-batching cache)."""
 PARTS = ["static", "slots32", "serving", "rank64"]
 CUDA = torch.cuda.is_available()
-ROW_KEY = ("model", "setup", "batch", "requests", "adapters", "slots", "rank")
+ROW_KEY = ("model", "layers", "setup", "batch", "requests", "adapters", "slots", "rank")
 """The fields that tell rows apart (a merged run replaces the rows it measures again)."""
 
 
@@ -156,7 +156,7 @@ Static rows are those at ``--batch``, compiled (eager where there is no CUDA), t
 ``--requests`` requests; rows with adapters are those of ``--rank``. Rows measured interleaved (one ``interleave`` key) also give the ratio of
 each round, whose range the table prints."""
 COLUMNS = [
-    ("model", "model", -14, "s"), ("setup", "setup", -58, "s"), ("batch", "batch", 6, "d"),
+    ("model", "model", -14, "s"), ("layers", "layers", 7, "d"), ("setup", "setup", -58, "s"), ("batch", "batch", 6, "d"),
     ("requests", "requests", 9, "d"), ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"),
     ("tokens/s", "tokens_per_s", 11, ".1f"),
     ("first s", "first_call_s", 9, ".2f"), ("peak GiB", "peak_gib", 9, ".1f"), ("swap ms", "swap_in_ms", 9, ".1f"),
@@ -182,6 +182,7 @@ class Bench:
 
     def __init__(self, args, sizes: dict, folder: Path, header: dict):
         self.args, self.sizes, self.folder, self.header, self.rows = args, sizes, folder, header, []
+        self.layers: dict[str, int] = {}  # each model's layers as built (rows and ratios keep them apart)
         self.started, self.interleaved = time.strftime("%Y%m%dT%H%M%S"), 0  # ``interleave`` keys of this run
         previous = folder / "e2e.json"
         if args.merge and previous.exists():
@@ -195,23 +196,25 @@ class Bench:
 
     def add(self, **row) -> None:
         """Records a row (replacing a kept one of the same key), prints it and rewrites the files."""
-        defaults = dict(batch=None, requests=None, adapters=0, slots=None, rank=None, compiled=False,
+        defaults = dict(layers=self.layers.get(row["model"]), batch=None, requests=None, adapters=0, slots=None, rank=None, compiled=False,
                         tokens_per_s=None, round_tokens_per_s=None, first_call_s=None, swap_in_s=None,
                         interleave=None)  # fmt: skip
         row = {**defaults, **row, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
                "commit": self.header.get("commit")}  # fmt: skip
-        self.rows = [r for r in self.rows if any(r[k] != row[k] for k in ROW_KEY)] + [row]
+        self.rows = [r for r in self.rows if any(r.get(k) != row[k] for k in ROW_KEY)] + [row]
         print(table_line(row), flush=True)
         self.write()
 
     def ratios(self) -> tuple[list[dict], list[str]]:
         """The target ratios of every model with rows: as JSON entries, and as table lines."""
         entries, lines = [], ["ratios (targets):"]
-        for model_name in dict.fromkeys(r["model"] for r in self.rows):
+        for model_name, layers in dict.fromkeys((r["model"], r.get("layers")) for r in self.rows):
+            label = f"{model_name}/{layers}L"  # rows of other layer counts (``--layers``) are ratios apart
             for what, field, top, bottom, comparison, target in RATIOS:
                 values = []
                 for match in (top, bottom):
-                    match = dict(match, model=model_name, **(dict(rank=self.args.rank) if match["adapters"] else {}))
+                    match = dict(match, model=model_name, layers=layers,
+                                 **(dict(rank=self.args.rank) if match["adapters"] else {}))  # fmt: skip
                     if match["kind"] == "static":
                         match.update(batch=self.sizes["batch"], compiled=CUDA)
                     else:  # the workload of this run's --requests
@@ -222,12 +225,12 @@ class Bench:
                     found.sort(key=lambda r: key is None or r.get("interleave") != key)
                     values.append(found[0] if found else None)
                 if None in values:
-                    lines.append(f"  {model_name:<14}{what:<72}   n/a (rows not measured)")
+                    lines.append(f"  {label:<18}{what:<72}   n/a (rows not measured)")
                     continue
                 ratio = values[0][field] / values[1][field]
                 met = {">=": ratio >= target, ">": ratio > target, "<=": ratio <= target}[comparison]
                 trees = list(dict.fromkeys(str(r.get("commit")) for r in values))  # "None": a tree not recorded
-                entry = dict(model=model_name, what=what, ratio=ratio, target=f"{comparison} {target}", met=met,
+                entry = dict(model=model_name, layers=layers, what=what, ratio=ratio, target=f"{comparison} {target}", met=met,
                              trees=trees)  # fmt: skip
                 note = "" if len(trees) == 1 else ", rows of trees " + " and ".join(trees)
                 if values[0].get("interleave") is not None and values[0]["interleave"] == values[1].get("interleave"):
@@ -235,7 +238,7 @@ class Bench:
                     entry["round_ratios"] = rounds
                     note += f", interleaved: {len(rounds)} rounds {min(rounds):.3f}-{max(rounds):.3f}"
                 entries.append(entry)
-                lines.append(f"  {model_name:<14}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
+                lines.append(f"  {label:<18}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
                              f"{'met' if met else 'missed'}){note}")  # fmt: skip
         return entries, lines
 
@@ -379,6 +382,7 @@ def run_model(bench: Bench, model_name: str) -> None:
     start = time.perf_counter()
     model = build_model(model_name, args.layers, args.tiny, device, dtype)
     print(f"{model_name}: built {model.config.num_hidden_layers} layers in {time.perf_counter() - start:.1f} s")
+    bench.layers[model_name] = model.config.num_hidden_layers
     layout = adapter_layout(model, rank)
     rng = random.Random(args.seed)
     (p_lo, p_hi), (n_lo, n_hi) = sizes["request_prompt"], sizes["request_new_tokens"]

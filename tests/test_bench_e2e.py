@@ -100,7 +100,8 @@ def test_tiny_full_grid_measures_every_row(tmp_path, bench):
 
 
 def fake_row(model: str, setup: str, kind: str, adapters: int) -> dict:
-    return dict(model=model, setup=setup, kind=kind, patched=True, compiled=False, batch=None, requests=8,
+    return dict(model=model, layers=2, setup=setup,  # layers: the tiny models'
+                kind=kind, patched=True, compiled=False, batch=None, requests=8,
                 adapters=adapters, slots=16, rank=RANK if adapters else None, tokens_per_s=-1.0, first_call_s=1.0,
                 swap_in_s=None, peak_gib=None)  # fmt: skip
 
