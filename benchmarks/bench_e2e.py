@@ -156,7 +156,7 @@ Static rows are those at ``--batch``, compiled (eager where there is no CUDA), t
 ``--requests`` requests; rows with adapters are those of ``--rank``. Rows measured interleaved (one ``interleave`` key) also give the ratio of
 each round, whose range the table prints."""
 COLUMNS = [
-    ("model", "model", -14, "s"), ("layers", "layers", 7, "d"), ("setup", "setup", -58, "s"), ("batch", "batch", 6, "d"),
+    ("model", "model", -14, "s"), ("setup", "setup", -58, "s"), ("layers", "layers", 7, "d"), ("batch", "batch", 6, "d"),
     ("requests", "requests", 9, "d"), ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"),
     ("tokens/s", "tokens_per_s", 11, ".1f"),
     ("first s", "first_call_s", 9, ".2f"), ("peak GiB", "peak_gib", 9, ".1f"), ("swap ms", "swap_in_ms", 9, ".1f"),
