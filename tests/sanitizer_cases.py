@@ -50,7 +50,8 @@ def check_align() -> None:
 
 def check_fused_experts() -> None:
     """The op with its launch config, then the Triton path with pair blocks (no align op), with one
-    shrink program per sub-block, and with the weight tiles read through tensor descriptors."""
+    shrink program per sub-block, with the shrink split over the input features, and with the weight
+    tiles read through tensor descriptors."""
     for T in (3, 700):
         p = make_problem(T=T, H=64, I=32, E=8, K=2, L=3, R=8, dtype=torch.float16, bias=True).to("cuda")
         ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, p.w13, p.w2, **p.kwargs())
@@ -59,6 +60,12 @@ def check_fused_experts() -> None:
         variants = {
             "pair blocks": dict(pair_blocks=True),
             "one shrink program per sub-block": dict(shrink=dataclasses.replace(config.shrink, slot_programs=1)),
+            "shrink split over the input features": dict(
+                shrink=dataclasses.replace(config.shrink, block_k=16, k_per_program=16)
+            ),
+            "pair blocks, shrink split over the input features": dict(
+                pair_blocks=True, shrink=dataclasses.replace(config.shrink, block_k=16, k_per_program=32)
+            ),
             "weights through tensor descriptors": dict(tma=True),
             "pair blocks, weights through tensor descriptors": dict(pair_blocks=True, tma=True),
         }

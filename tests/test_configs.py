@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_moe_lora.ops.fused_experts as fused_experts_module
-from torch_moe_lora.configs import CONFIG_DIR, LaunchConfig, LinearLoRAConfig, get_config, get_linear_lora_config, parse_buckets
+from torch_moe_lora.configs import CONFIG_DIR, LaunchConfig, LinearLoRAConfig, ShrinkTiles, get_config, get_linear_lora_config, parse_buckets
 from torch_moe_lora.ops.fused_experts import launch_config
 
 FUSED_EXPERTS_FILES = ["default.json", "NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"]
@@ -131,3 +131,12 @@ def test_linear_lora_configs_parse_and_pick_by_token_count():
         parse_buckets({"8": {**split, "k_per_program": 96}}, "x.json", LinearLoRAConfig)
     config = parse_buckets({"8": {**split, "k_per_program": 128}}, "x.json", LinearLoRAConfig)[8]
     assert [config.shrink_splits(n) for n in (1, 128, 129, 2048)] == [1, 1, 2, 16]
+
+
+def test_shrink_splits_over_the_input_features():
+    """``shrink.k_per_program``: a multiple of ``block_k``; the splits cover the input features."""
+    tiles = ShrinkTiles(block_k=64, num_warps=4, num_stages=3, k_per_program=256)
+    assert [tiles.splits(k) for k in (1, 256, 257, 768, 2048)] == [1, 1, 2, 3, 8]
+    assert ShrinkTiles(block_k=64, num_warps=4, num_stages=3).splits(2048) == 1
+    with pytest.raises(ValueError, match=r"shrink\.k_per_program 96 must be a multiple of shrink\.block_k 64"):
+        ShrinkTiles(block_k=64, num_warps=4, num_stages=3, k_per_program=96)

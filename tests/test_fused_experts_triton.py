@@ -61,6 +61,13 @@ CONFIGS = {
         small_config(block_m=32, sub_m=16),
         shrink=ShrinkTiles(max_block_r=16, block_k=16, num_warps=4, num_stages=2, slot_programs=1),
     ),
+    # The shrinks' input features over several programs (float32 partial sums), with and without align.
+    "split_shrink": dataclasses.replace(
+        small_config(block_m=32), shrink=ShrinkTiles(max_block_r=16, block_k=16, num_warps=4, num_stages=2, k_per_program=16)
+    ),
+    "split_shrink_pair_blocks": dataclasses.replace(
+        small_config(pair_blocks=True), shrink=ShrinkTiles(max_block_r=16, block_k=16, num_warps=4, num_stages=2, k_per_program=32)
+    ),
     # Expert weight tiles through tensor descriptors (where the layout allows; else the pointer path).
     "tma": small_config(block_m=32, tma=True),
     "tma_pair_blocks": small_config(block_n=32, block_k=32, pair_blocks=True, tma=True),
@@ -172,7 +179,7 @@ def test_a_poisoned_slot_changes_no_other_token(problem, config, poison, data):
 def test_poisoned_rows_of_a_mixed_block_stay_apart():
     """One block holding every slot's tokens (many per expert): the victim's values stay in its rows."""
     problem = make_problem(T=24, H=32, I=16, E=2, K=2, L=4, R=8, no_adapter_fraction=0.2).to(DEVICE)
-    for config in ("wide", "one_shrink_program"):
+    for config in ("wide", "one_shrink_program", "split_shrink"):
         for poison in POISONS:
             assert_poison_stays_in_its_rows(lambda p: run_triton(p, CONFIGS[config]), problem, 2, poison)
 

@@ -64,6 +64,20 @@ class ShrinkTiles(_Checked):
     slot_programs: int | None = None
     """Programs per sub-block, each taking every ``slot_programs``-th slot present in it; None: one
     program per slot a sub-block can hold."""
+    k_per_program: int | None = None
+    """Input features per program (a multiple of ``block_k``); None: all. With fewer than the input's,
+    ``cdiv(in, k_per_program)`` programs each write float32 partial sums of their features, which the
+    GEMM's LoRA steps add in split order (decode, where a program's loop over all of them is long
+    and few programs run)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.k_per_program is not None and self.k_per_program % self.block_k != 0:
+            raise ValueError(f"shrink.k_per_program {self.k_per_program} must be a multiple of shrink.block_k {self.block_k}")
+
+    def splits(self, in_features: int) -> int:
+        """Programs (partial sums) over ``in_features`` input features."""
+        return 1 if self.k_per_program is None else max(1, -(-in_features // self.k_per_program))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

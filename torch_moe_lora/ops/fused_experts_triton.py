@@ -32,6 +32,8 @@ The launch config (``torch_moe_lora.configs.LaunchConfig``) sets the tiles and t
   drains and waits for its writes (``griddepcontrol.wait``) only before reading them. With LoRA
   the GEMMs run their base K loop before waiting for the shrink kernel (``OVERLAP_SHRINK``).
 * ``shrink.slot_programs``: fewer shrink programs per sub-block, each taking several slots.
+* ``shrink.k_per_program``: the shrink's input features split over several programs, each writing
+  float32 partial sums (``s1[split]``, ``s2[split]``) that the GEMMs' LoRA steps add in split order.
 
 FP8 (e4m3) expert weights come with their block scales: the GEMMs load FP8 tiles and convert them
 to x's dtype for the dot; where the K tile lies inside one scale block (``block_k % BLOCK_K == 0``,
@@ -167,7 +169,7 @@ def _gate_up_kernel(
     stride_w_e, stride_w_n, stride_w_k,
     stride_ws_e, stride_ws_n, stride_ws_k,
     stride_b13_e, stride_b13_n,
-    stride_s_m, stride_s_r,
+    stride_s_s, stride_s_m, stride_s_r,
     stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
     stride_h_m, stride_h_n,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT_GATE_UP: tl.constexpr,
@@ -175,6 +177,7 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, OVERLAP_SHRINK: tl.constexpr,
     TMA: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
@@ -244,14 +247,14 @@ def _gate_up_kernel(
             up_col0 = 0
         acc_gate = lora_steps(
             acc_gate, s1_ptr, 0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, gate_rows, n_mask, rank,
-            stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
-            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            stride_s_s, stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SPLITS,
         )  # fmt: skip
         if GATED:
             acc_up = lora_steps(
                 acc_up, s1_ptr, up_col0, gu_b_ptr, expert, slot, first_slot, num_slots, pos, up_rows, n_mask,
-                rank, stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
-                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                rank, stride_s_s, stride_s_m, stride_s_r, stride_gb_l, stride_gb_e, stride_gb_n, stride_gb_r,
+                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SPLITS,
             )  # fmt: skip
     if WEIGHT_ON_INPUT:
         w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -279,13 +282,13 @@ def _down_kernel(
     stride_w_e, stride_w_n, stride_w_k,
     stride_ws_e, stride_ws_n, stride_ws_k,
     stride_b2_e, stride_b2_n,
-    stride_s_m, stride_s_r,
+    stride_s_s, stride_s_m, stride_s_r,
     stride_db_l, stride_db_e, stride_db_n, stride_db_r,
     stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, OVERLAP_SHRINK: tl.constexpr, TMA: tl.constexpr,
-    SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns
     (FP8 ``w2`` times its block scales, as in ``_gate_up_kernel``).
@@ -327,8 +330,8 @@ def _down_kernel(
         first_slot, num_slots = block_slots(slot)
         acc = lora_steps(
             acc, s2_ptr, 0, d_b_ptr, expert, slot, first_slot, num_slots, pos, offs_n, n_mask, rank,
-            stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
-            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            stride_s_s, stride_s_m, stride_s_r, stride_db_l, stride_db_e, stride_db_n, stride_db_r,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SPLITS,
         )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b2_ptr + expert * stride_b2_e + offs_n * stride_b2_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -409,12 +412,15 @@ def fused_experts_triton(
             sorted_pair_ids, expert_of_block, num_blocks, token_lora,
             num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks,
         )  # fmt: skip
-        s1 = x.new_empty(num_rows, gate_up_a.shape[2])
-        s2 = x.new_empty(num_rows, down_rank)
+        # The shrinks' outputs: one row per sorted position, or float32 partial sums per split.
+        splits1, splits2 = config.shrink.splits(hidden), config.shrink.splits(inter)
+        s1 = x.new_empty(splits1, num_rows, gate_up_a.shape[2], dtype=torch.float32 if splits1 > 1 else x.dtype)
+        s2 = x.new_empty(splits2, num_rows, down_rank, dtype=torch.float32 if splits2 > 1 else x.dtype)
         _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, by_token=True, tiles=config.shrink, pdl=pdl)
     else:
         rank = down_rank = 0
-        s1 = s2 = x.new_empty(1, 1)
+        splits1 = splits2 = 1
+        s1 = s2 = x.new_empty(1, 1, 1)
         gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
     smem = shared_memory_limit(x.device)
     b_tiles = 2 if options.gated else 1
@@ -438,7 +444,7 @@ def fused_experts_triton(
         *s1.stride(), *gate_up_b.stride(), *h.stride(),
         GATED=options.gated, INTERLEAVED=options.interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=options.weight_on_input,
-        ACTIVATION=ACTIVATION_CODES[options.activation], PRECISION=precision,
+        ACTIVATION=ACTIVATION_CODES[options.activation], PRECISION=precision, SPLITS=splits1,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
         PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **gate_up_scaling,
         **launch_options(tiles, pdl),
@@ -454,6 +460,7 @@ def fused_experts_triton(
         *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *s2.stride(), *down_b.stride(), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=options.weight_on_input, PRECISION=precision,
+        SPLITS=splits2,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
         PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **down_scaling,
         **launch_options(tiles, pdl),
@@ -498,20 +505,24 @@ def _shrink(
     num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks, *, by_token: bool, tiles: ShrinkTiles,
     pdl: bool,
 ):  # fmt: skip
-    """Launches ``lora_shrink_kernel``: ``out = scale * inp @ a^T`` per sub-block and slot, ``inp``
-    read by token (``by_token``: x) or by sorted position (h)."""
+    """Launches ``lora_shrink_kernel``: ``out[split] = scale * inp[:, K_split] @ a[..., K_split]^T`` per
+    sub-block and slot, ``inp`` read by token (``by_token``: x) or by sorted position (h); ``out``
+    holds ``tiles.splits(in_features)`` splits (one: all the input features)."""
     rank_total, in_features = a.shape[2], a.shape[3]
+    splits = tiles.splits(in_features)
+    k_per_program = in_features if splits == 1 else tiles.k_per_program
     block_r = min(tiles.max_block_r, rank_block(rank_total))
+    r_blocks = triton.cdiv(rank_total, block_r)
     tiles = fit_shared_memory(tiles, sub_m, block_r, inp.element_size(), shared_memory_limit(inp.device))
     # Programs per sub-block: by default one per slot a sub-block can hold. With fewer
     # (``slot_programs``), each takes every slot_programs-th slot present: fewer programs that exit
     # at once, less parallel work.
     most_slots = 1 if pair_blocks else min(sub_m, num_slots)
     slot_programs = most_slots if tiles.slot_programs is None else min(most_slots, tiles.slot_programs)
-    grid = (expert_of_block.shape[0] * (block_m // sub_m), slot_programs, triton.cdiv(rank_total, block_r))
+    grid = (expert_of_block.shape[0] * (block_m // sub_m), slot_programs, r_blocks * splits)
     lora_shrink_kernel[grid](
         inp, a, scale, out, sorted_pair_ids, expert_of_block, num_blocks, token_lora,
-        num_pairs, top_k, num_experts, in_features, rank_total,
+        num_pairs, top_k, num_experts, in_features, rank_total, k_per_program, r_blocks,
         *inp.stride(), *a.stride(), *out.stride(),
         INPUT_BY_TOKEN=by_token, PRECISION=dot_precision(inp.dtype), BLOCK_M=sub_m, BLOCK_R=block_r,
         BLOCK_K=tiles.block_k, SUBBLOCKS=block_m // sub_m, PAIR_BLOCKS=pair_blocks,

@@ -99,21 +99,25 @@ def block_slots(slot):
 def lora_shrink_kernel(
     inp_ptr, a_ptr, scale_ptr, out_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr,
-    num_pairs, top_k, num_experts, in_features, rank,
+    num_pairs, top_k, num_experts, in_features, rank, k_per_program, r_blocks,
     stride_in_m, stride_in_k,
     stride_a_l, stride_a_e, stride_a_r, stride_a_k,
-    stride_out_m, stride_out_r,
+    stride_out_s, stride_out_m, stride_out_r,
     INPUT_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SUBBLOCKS: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr, FEWER_SLOT_PROGRAMS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """``out[pos, r] = scale[slot] * inp[row] . a[slot, e, r]`` for the slots of one sub-block.
+    """``out[split, pos, r] = scale[slot] * inp[row, K] . a[slot, e, r, K]`` for the slots of one
+    sub-block, over the input features ``K`` of one split (``k_per_program`` of them from
+    ``split * k_per_program``; one split covering all of them unless the launch config's
+    ``shrink.k_per_program`` says fewer).
 
-    Grid: (max_blocks * SUBBLOCKS, G, cdiv(rank, BLOCK_R)); program ``(sub, j, _)`` takes the
-    ``j``-th slot present in sub-block ``sub`` and exits if there is none. ``G`` is the most slots a
-    sub-block can hold; with ``FEWER_SLOT_PROGRAMS`` (the launch config's ``shrink.slot_programs``
-    below that) it is smaller and the program also takes the ``(j + G)``-th, ``(j + 2G)``-th, ...
-    slots. ``row`` is the token (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
+    Grid: (max_blocks * SUBBLOCKS, G, r_blocks * splits), ``r_blocks = cdiv(rank, BLOCK_R)``;
+    program ``(sub, j, split * r_blocks + r_block)`` takes the ``j``-th slot present in sub-block
+    ``sub`` and exits if there is none. ``G`` is the most slots a sub-block can hold; with
+    ``FEWER_SLOT_PROGRAMS`` (the launch config's ``shrink.slot_programs`` below that) it is smaller
+    and the program also takes the ``(j + G)``-th, ``(j + 2G)``-th, ... slots. ``row`` is the token
+    (``INPUT_BY_TOKEN``, reading x) or the sorted position (reading h).
     """
     wait_for_previous_kernel(PDL)
     sub = tl.program_id(0)
@@ -129,10 +133,15 @@ def lora_shrink_kernel(
     if current >= NO_SLOT:
         return
     row = token if INPUT_BY_TOKEN else pos
+    split = tl.program_id(2) // r_blocks
+    offs_r = (tl.program_id(2) % r_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_start = split * k_per_program
+    k_end = tl.minimum(in_features, k_start + k_per_program)
+    out_ptr += split.to(tl.int64) * stride_out_s
     if FEWER_SLOT_PROGRAMS:
         while current < NO_SLOT:
             _shrink_slot(
-                inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
+                inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, offs_r, k_start, k_end, rank,
                 stride_in_m, stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k, stride_out_m, stride_out_r,
                 PRECISION, BLOCK_M, BLOCK_R, BLOCK_K,
             )  # fmt: skip
@@ -140,7 +149,7 @@ def lora_shrink_kernel(
                 current = next_slot(slot, current)
     else:
         _shrink_slot(
-            inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
+            inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, offs_r, k_start, k_end, rank,
             stride_in_m, stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k, stride_out_m, stride_out_r,
             PRECISION, BLOCK_M, BLOCK_R, BLOCK_K,
         )  # fmt: skip
@@ -148,21 +157,21 @@ def lora_shrink_kernel(
 
 @triton.jit
 def _shrink_slot(
-    inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, in_features, rank,
+    inp_ptr, row, a_ptr, scale_ptr, out_ptr, current, expert, slot, pos, offs_r, k_start, k_end, rank,
     stride_in_m, stride_in_k, stride_a_l, stride_a_e, stride_a_r, stride_a_k, stride_out_m, stride_out_r,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``lora_shrink_kernel``'s work for the rows of slot ``current`` (the others are masked)."""
+    """``lora_shrink_kernel``'s work for the rows of slot ``current`` (the others are masked), the
+    ranks ``offs_r`` and the input features ``[k_start, k_end)``."""
     in_slot = slot == current
-    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     in_rows = inp_ptr + row[:, None].to(tl.int64) * stride_in_m
     a_base = a_ptr + current.to(tl.int64) * stride_a_l + expert * stride_a_e + offs_r[None, :] * stride_a_r
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
-        xs = tl.load(in_rows + k[None, :] * stride_in_k, mask=in_slot[:, None] & (k[None, :] < in_features), other=0.0)
-        a = tl.load(a_base + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < in_features), other=0.0)
+        xs = tl.load(in_rows + k[None, :] * stride_in_k, mask=in_slot[:, None] & (k[None, :] < k_end), other=0.0)
+        a = tl.load(a_base + k[:, None] * stride_a_k, mask=(offs_r[None, :] < rank) & (k[:, None] < k_end), other=0.0)
         acc += tl.dot(xs, a, input_precision=PRECISION)
     acc *= tl.load(scale_ptr + current)
     tl.store(
@@ -175,10 +184,13 @@ def _shrink_slot(
 @triton.jit
 def lora_steps(
     acc, s_ptr, s_col0, b_ptr, expert, slot, first_slot, num_slots, pos, b_rows, b_row_mask, rank,
-    stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
+    stride_s_s, stride_s_m, stride_s_r, stride_b_l, stride_b_e, stride_b_n, stride_b_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled).
+    """``acc[m, n] += sum_r s[pos_m, s_col0 + r] * b[slot_m, expert, b_rows_n, r]`` (``s`` is pre-scaled;
+    with ``SPLITS`` > 1 it is the sum of the shrink's float32 partial sums ``s[0] + s[1] + ...``, in
+    that order, rounded to B's dtype).
 
     One step per (slot present in the block, ``BLOCK_K`` ranks): the A operand is the slot's rows of
     ``s`` (other rows masked to zero), the B operand its LoRA B. Other rows add ``0 * B``: exactly
@@ -195,13 +207,16 @@ def lora_steps(
     for step in range(0, num_slots * r_steps):
         r = (step % r_steps) * BLOCK_K + offs_k
         r_mask = r < rank
-        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=(slot == current)[:, None] & r_mask[None, :], other=0.0)
+        s_mask = (slot == current)[:, None] & r_mask[None, :]
+        s = tl.load(s_rows + (s_col0 + r)[None, :] * stride_s_r, mask=s_mask, other=0.0)
+        for split in tl.static_range(1, SPLITS):
+            s += tl.load(s_rows + split * stride_s_s + (s_col0 + r)[None, :] * stride_s_r, mask=s_mask, other=0.0)
         b = tl.load(
             b_ptr + current.to(tl.int64) * stride_b_l + expert * stride_b_e
             + b_rows[None, :] * stride_b_n + r[:, None] * stride_b_r,
             mask=b_row_mask[None, :] & r_mask[:, None],
             other=0.0,
         )
-        acc += tl.dot(s, b, input_precision=PRECISION)
+        acc += tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
         current = tl.where(step % r_steps == r_steps - 1, next_slot(slot, current), current)
     return acc
