@@ -8,6 +8,10 @@ bytes at one byte an element plus their scales, the LoRA bytes of the touched (a
 pairs in bf16, the activations; over the measured read bandwidth, or the FLOPs over the bf16
 matmul rate if larger) and the FP8 op's % of it; the FP8/bf16 speedup; then the cells under the
 targets of the FP8 issue (T=16..256: 80% of roofline; T=64: 1.6x; T=1: 1.5x; T=4096: 1.5x).
+From T=1024 also the FP8 tensor-core path (the launch config of the call with ``fp8_activations``
+set, through the Triton launcher: x and the activations quantized per token group of 128), its
+time, its speedup over bf16 and how far it moves the output from bf16 (the ``act`` columns; empty
+below T=1024).
 Writes ``<out>/<gpu>/fp8_experts.json`` and ``fp8_experts_table.txt``.
 
     python benchmarks/bench_fp8_experts.py --out benchmarks/results
@@ -31,9 +35,12 @@ from common import (
     results_dir,
     time_graph,
     token_mapping,
+    with_changes,
 )
 
 from torch_moe_lora import WeightScales, fused_experts
+from torch_moe_lora.ops.fused_experts import ExpertOptions, launch_config
+from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
 from torch_moe_lora.reference import quantize_blocks_ref
 
 BLOCK = 128
@@ -74,23 +81,43 @@ def run_shape(name, shape, tokens, adapters, rank, ceilings):
         ref = fused_experts(x, ids, weights, w13, w2, token_lora=maps[0], lora=lora).float()
         out = fused_experts(x, ids, weights, q13, q2, token_lora=maps[0], lora=lora, scales=scales).float()
         rel = ((out - ref).norm() / ref.norm()).item()
+        act_ms = act_rel = None
+        if num_tokens >= ACT_FROM:
+            config = with_changes(launch_config(x, ids, q2), ["fp8_activations=true"])
+
+            def act_call(i, m):
+                return fused_experts_triton(*i, q13, q2, token_lora=m, lora=lora, options=ExpertOptions(),
+                                            config=config, scales=scales)  # fmt: skip
+
+            act_ms = time_graph([lambda i=i, m=m: act_call(i, m) for i, m in zip(inputs, maps)])
+            act_out = act_call(inputs[0], maps[0]).float()
+            act_rel = ((act_out - ref).norm() / ref.norm()).item()
         row = dict(
             shape=name, T=num_tokens, adapters=adapters, rank=rank, bf16_ms=bf16_ms, fp8_ms=fp8_ms,
             fp8_roofline_ms=roof_ms, pct_fp8_roofline=100 * roof_ms / fp8_ms, speedup=bf16_ms / fp8_ms,
-            rel_diff_vs_bf16=rel,
+            rel_diff_vs_bf16=rel, fp8_act_ms=act_ms, act_speedup=act_ms and bf16_ms / act_ms,
+            act_rel_diff_vs_bf16=act_rel,
         )  # fmt: skip
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
-HEADER = f"{'shape':<17}{'T':>6}{'bf16 ms':>10}{'fp8 ms':>10}{'roof ms':>10}{'%roof':>7}{'fp8/bf16':>9}{'rel diff':>10}"
+HEADER = (
+    f"{'shape':<17}{'T':>6}{'bf16 ms':>10}{'fp8 ms':>10}{'roof ms':>10}{'%roof':>7}{'fp8/bf16':>9}{'rel diff':>10}"
+    f"{'act ms':>10}{'act/bf16':>9}{'act diff':>10}"
+)
+ACT_FROM = 1024
+"""Token counts from which the FP8 tensor-core path (``fp8_activations``) is timed too."""
 
 
 def format_row(r) -> str:
+    act = "" if r.get("fp8_act_ms") is None else (
+        f"{r['fp8_act_ms']:>10.4f}{r['act_speedup']:>8.2f}x{r['act_rel_diff_vs_bf16']:>10.2e}"
+    )  # fmt: skip
     return (
         f"{r['shape']:<17}{r['T']:>6}{r['bf16_ms']:>10.4f}{r['fp8_ms']:>10.4f}{r['fp8_roofline_ms']:>10.4f}"
-        f"{r['pct_fp8_roofline']:>6.1f}%{r['speedup']:>8.2f}x{r['rel_diff_vs_bf16']:>10.2e}"
+        f"{r['pct_fp8_roofline']:>6.1f}%{r['speedup']:>8.2f}x{r['rel_diff_vs_bf16']:>10.2e}{act}"
     )
 
 

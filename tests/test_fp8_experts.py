@@ -8,13 +8,21 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from utils import HAS_CUDA, assert_close_verbose, interpreted_examples, make_problem, problems, requires_cuda
+from utils import (
+    HAS_CUDA,
+    REL_TOL,
+    assert_close_verbose,
+    interpreted_examples,
+    make_problem,
+    problems,
+    requires_cuda,
+)
 
 from torch_moe_lora import WeightScales, fused_experts
 from torch_moe_lora.configs import GemmTiles, LaunchConfig, ShrinkTiles, SumTiles
 from torch_moe_lora.ops.fused_experts import ExpertOptions, dequantize_weight
 from torch_moe_lora.ops.fused_experts_triton import fused_experts_triton
-from torch_moe_lora.reference import dequantize_blocks_ref, fused_experts_ref, quantize_blocks_ref
+from torch_moe_lora.reference import dequantize_blocks_ref, fused_experts_ref, quantize_blocks_ref, quantize_groups_ref
 
 UE8M0 = getattr(torch, "float8_e8m0fnu", None)
 
@@ -186,3 +194,96 @@ def test_fp8_kernels_match_the_reference(problem, block, config):
         config=KERNEL_CONFIGS[config], out=out, scales=on_device,
     )  # fmt: skip
     assert_close_verbose(out, reference(problem, w13, w2, scales), problem.x.dtype, f"fp8 kernels {config} {block}")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+FP8_ACTIVATION_CONFIGS = {
+    "tiles": kernel_config(16, fp8_activations=True), "wide_k": kernel_config(32, fp8_activations=True),
+    "pair_blocks": kernel_config(16, pair_blocks=True, fp8_activations=True),
+    "tma": kernel_config(16, tma=True, fp8_activations=True),
+}  # fmt: skip
+FP8_ACTIVATION_TOL = 5e-2
+"""Relative error of the FP8-activation GEMMs against ``fused_experts_ref(activation_group=...)`` on
+drawn problems: the kernel rounds the activations to x's dtype from float32, the reference from
+float64, and where the two land on either side of an e4m3 rounding boundary that activation
+differs by one e4m3 step (up to 2^-3 of its value), which on a problem of one token and eight
+intermediate features moves the output by a few percent. Elsewhere they agree to x's dtype
+(``test_fp8_activation_gemms_on_a_fixed_problem``)."""
+
+
+def fp8_activation_run(problem, block, launch):
+    """(the Triton output, the activation-quantized reference, the unquantized reference)."""
+    w13, w2, scales = quantized_problem(problem, *block)
+    gpu = problem.to(DEVICE)
+    on_device = WeightScales(scales.w13_scale.to(DEVICE), scales.w2_scale.to(DEVICE), *block)
+    out = torch.full_like(gpu.x, float("nan"))
+    fused_experts_triton(
+        gpu.x, gpu.topk_ids, gpu.topk_weights, w13.to(DEVICE), w2.to(DEVICE), w13_bias=gpu.w13_bias,
+        w2_bias=gpu.w2_bias, token_lora=gpu.token_lora, lora=gpu.lora, options=ExpertOptions(**gpu.options),
+        config=launch, out=out, scales=on_device,
+    )  # fmt: skip
+    dequantized = (dequantize_blocks_ref(w13, scales.w13_scale, block), dequantize_blocks_ref(w2, scales.w2_scale, block))
+    args = (problem.x, problem.topk_ids, problem.topk_weights, *dequantized)
+    quantized = fused_experts_ref(*args, activation_group=block[1], **problem.kwargs())
+    return out, quantized, fused_experts_ref(*args, **problem.kwargs())
+
+
+@interpreted_examples(25)
+@given(
+    problem=problems(dtypes=KERNEL_DTYPES, max_tokens=40 if HAS_CUDA else 12),
+    block=st.tuples(st.sampled_from([1, 16, 128]), st.sampled_from([8, 16, 32, 128])),
+    config=st.sampled_from(sorted(FP8_ACTIVATION_CONFIGS)),
+)
+def test_fp8_activation_gemms_quantize_per_token_group(problem, block, config):
+    """``fp8_activations``: x and the activations quantized per token and scale block along K, FP8
+    tensor-core dots, LoRA on the unquantized activations. Where the K tile does not lie inside one
+    scale block (block_k 8 under a K tile of 16 or 32) the GEMMs convert the weights instead, as
+    without the switch."""
+    launch = FP8_ACTIVATION_CONFIGS[config]
+    out, quantized, dequantized = fp8_activation_run(problem, block, launch)
+    assert not out.isnan().any()
+    if block[1] % launch.gate_up.block_k:  # a scale per element: the weights converted, x not quantized
+        assert_close_verbose(out, dequantized, problem.x.dtype, f"fp8 weights {config} {block}")
+        return
+    error, unquantized_error = relative_error(out, quantized), relative_error(out, dequantized)
+    print(f"fp8 activations {config} {block} [{problem.x.dtype}]: relative error {error:.3e}, "
+          f"against the unquantized reference {unquantized_error:.3e}")  # fmt: skip
+    assert error <= FP8_ACTIVATION_TOL, f"fp8 activations {config} {block}: relative error {error:.3e}"
+    # The activations were quantized: the output is far closer to that reference than to the other.
+    assert error < unquantized_error / 4 or unquantized_error <= REL_TOL[problem.x.dtype], (error, unquantized_error)
+
+
+@pytest.mark.parametrize("config", sorted(FP8_ACTIVATION_CONFIGS))
+def test_fp8_activation_gemms_on_a_fixed_problem(config):
+    """A fixed problem (LoRA, bias, a gated activation) whose activations lie away from e4m3 rounding
+    boundaries: the output agrees with the quantized reference to float32's tolerance, and is
+    percents away from the unquantized one."""
+    problem = make_problem(T=10, H=64, I=32, E=4, K=2, L=3, R=4, bias=True, seed=3)
+    out, quantized, dequantized = fp8_activation_run(problem, (16, 32), FP8_ACTIVATION_CONFIGS[config])
+    assert_close_verbose(out, quantized, torch.float32, f"fp8 activations {config}")
+    assert relative_error(out, dequantized) > 1e-3
+
+
+@requires_cuda  # on CPU tensors quantize_groups is the reference (the interpreter rounds to e4m3 wrongly)
+@pytest.mark.parametrize("shape, group", [((5, 40), 16), ((3, 7), 128), ((4, 256), 128)])
+def test_activation_groups_quantize_as_the_reference(shape, group):
+    """``quantize_groups`` (Triton) and ``quantize_groups_ref``: the same FP8 values and scales; a row
+    of zeros gets the smallest scale, and a NaN stays in its own value (its group's scale may skip it)."""
+    from torch_moe_lora.ops.quant_triton import quantize_groups
+
+    x = torch.randn(shape) * torch.logspace(-2, 2, shape[1])
+    x[1] = 0
+    x[2, 3] = float("nan")
+    q, scale = quantize_groups(x.cuda(), group)
+    q, scale = q.cpu(), scale.cpu()
+    q_ref, scale_ref = quantize_groups_ref(x, group)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == scale_ref.shape
+    clean = torch.ones(shape[0], dtype=torch.bool)
+    clean[2] = False
+    assert torch.equal(scale[clean], scale_ref[clean]) and torch.equal(q[clean].float(), q_ref[clean].float())
+    assert q[2, 3].float().isnan() and not q[2].float().isnan().sum() > 1
+    assert (scale[1] == 1e-12).all() and (q[1].float() == 0).all()

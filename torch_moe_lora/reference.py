@@ -117,6 +117,7 @@ def fused_experts_ref(
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
     weight_on_input: bool = False,
+    activation_group: int | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """One MoE layer's experts with per-token LoRA adapters, by loops over experts and slots.
@@ -126,7 +127,11 @@ def fused_experts_ref(
     ``weight_on_input`` (Llama 4) the weight scales the expert's input instead:
     ``y_t = sum_k (w2_e act(w13_e (w_tk x_t) + ...) + ...)``.
 
-    ``lora`` is a ``LoRAWeights`` (or any object with its six fields) or None.
+    ``lora`` is a ``LoRAWeights`` (or any object with its six fields) or None. With
+    ``activation_group`` (FP8 weights read by FP8 tensor-core GEMMs, the launch config's
+    ``fp8_activations``) the two base GEMMs read their inputs quantized to e4m3 per token and group
+    of that many features (``quantize_groups_ref``): ``x``, and the activations ``act(...)`` after
+    rounding to x's dtype; the LoRA terms read them unquantized.
     Returns ``[T, H]`` in ``compute_dtype``.
     """
     num_tokens, top_k = topk_ids.shape
@@ -146,9 +151,10 @@ def fused_experts_ref(
                 continue
             w = topk_weights[tok, k].to(cd)[:, None]
             xs = x[tok].to(cd)
+            base_in = xs if activation_group is None else quantized_ref(x[tok], activation_group, cd)
             if weight_on_input:
-                xs = xs * w
-            h = xs @ w13[e].to(cd).T
+                xs, base_in = xs * w, base_in * w
+            h = base_in @ w13[e].to(cd).T
             if w13_bias is not None:
                 h = h + w13_bias[e].to(cd)
             if slot >= 0:
@@ -167,7 +173,8 @@ def fused_experts_ref(
                 swiglu_alpha=swiglu_alpha,
                 swiglu_limit=swiglu_limit,
             )
-            y = act @ w2[e].to(cd).T
+            base_in = act if activation_group is None else quantized_ref(act.to(x.dtype), activation_group, cd)
+            y = base_in @ w2[e].to(cd).T
             if w2_bias is not None:
                 y = y + w2_bias[e].to(cd)
             if slot >= 0:
@@ -199,6 +206,25 @@ def quantize_blocks_ref(
     if rows is not None and rows > nb:
         scale = torch.cat([scale, torch.ones(E, rows - nb, kb, device=weight.device)], dim=1)
     return quantized, scale
+
+
+def quantize_groups_ref(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` as float8 e4m3 with one float32 scale per row and ``group`` consecutive features
+    (the FP8 checkpoints' activation recipe): ``scale = max(amax / 448, 1e-12)``, ``q = x / scale``,
+    both in float32. Returns ``(q [M, K], scale [M, ceil(K / group)])``."""
+    rows, cols = x.shape
+    groups = -(-cols // group)
+    padded = torch.zeros(rows, groups * group, dtype=torch.float32, device=x.device)
+    padded[:, :cols] = x.float()
+    blocks = padded.view(rows, groups, group)
+    scale = (blocks.abs().amax(dim=2) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-12)
+    return (blocks / scale[:, :, None]).view(rows, -1)[:, :cols].to(torch.float8_e4m3fn), scale
+
+
+def quantized_ref(x: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x [M, K]`` quantized per token group (``quantize_groups_ref``) and back, in ``dtype``."""
+    q, scale = quantize_groups_ref(x, group)
+    return q.to(dtype) * scale.to(dtype).repeat_interleave(group, dim=1)[:, : x.shape[1]]
 
 
 def dequantize_blocks_ref(

@@ -105,6 +105,12 @@ class LaunchConfig(_Checked):
     tma: bool = False
     """The GEMMs read their expert weight tiles through tensor descriptors (the copy engine; sm_90+,
     gate block then up block, rows 16-byte aligned) instead of computed pointers."""
+    fp8_activations: bool = False
+    """FP8 expert weights whose scale blocks hold whole K tiles of both GEMMs (the checkpoints' 128):
+    x and the activations are quantized to FP8 per token and group of the blocks' ``block_k``
+    (``reference.quantize_groups_ref``) and the GEMMs run on the FP8 tensor cores (prefill). Without
+    it, or where the blocks do not allow it, the weight tiles are converted to x's dtype. No effect
+    on weights in x's dtype."""
     pdl: bool = True
     """Programmatic dependent launch on sm_90+: each kernel launches while the previous one drains
     and waits for its writes only before reading them; with LoRA the GEMMs also run their base K

@@ -62,6 +62,7 @@ from .launch import (
     supports_tma,
     weight_descriptor,
 )
+from .quant_triton import quantize_groups
 from .lora_triton import (
     block_expert,
     block_rows,
@@ -129,17 +130,23 @@ def _weight_tile(
 
 @triton.jit
 def _scaled_dot(acc, xs, w, s_ptr, expert, rows, k0, k, row_mask, k_mask, stride_s_e, stride_s_n, stride_s_k,
-                PRECISION: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr):  # fmt: skip
+                x_scale, PRECISION: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
+                SCALE_BK: tl.constexpr, ACT_FP8: tl.constexpr):  # fmt: skip
     """``acc + xs @ w`` for a tile of weights in x's dtype (``SCALE == 0``), or of FP8 weights
     ``w[expert, rows, k]^T`` times their float32 block scales, the tile converted to x's dtype for
     the dot: with ``SCALE == 1`` (the K tile inside one scale block) one scale per row, which
     multiplies the tile's dot product; with ``SCALE == 2`` one per element, which multiplies the
-    tile. (Each branch loads its own scales: a helper returning either shape does not compile.)"""
+    tile. (Each branch loads its own scales: a helper returning either shape does not compile.)
+    With ``ACT_FP8`` (``SCALE == 1`` only) ``xs`` is FP8 too, ``x_scale`` its rows' scales of this K
+    tile's group: an FP8 tensor-core dot, times both scales."""
     if SCALE == 0:
         acc += tl.dot(xs, w, input_precision=PRECISION)
     elif SCALE == 1:
         scale = tl.load(s_ptr + expert * stride_s_e + (rows // SCALE_BN) * stride_s_n + (k0 // SCALE_BK) * stride_s_k, mask=row_mask, other=0.0)
-        acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
+        if ACT_FP8:
+            acc += tl.dot(xs, w, out_dtype=tl.float32) * (x_scale[:, None] * scale[None, :])
+        else:
+            acc += tl.dot(xs, w.to(xs.dtype), input_precision=PRECISION) * scale[None, :]
     else:
         scale = tl.load(
             s_ptr + expert * stride_s_e + (rows // SCALE_BN)[None, :] * stride_s_n + (k // SCALE_BK)[:, None] * stride_s_k,
@@ -162,10 +169,10 @@ def _program_tile(max_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.const
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, h_ptr, w13_scale_ptr,
+    x_ptr, w13_ptr, b13_ptr, s1_ptr, gu_b_ptr, h_ptr, w13_scale_ptr, x_scale_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks, alpha, limit,
-    stride_x_m, stride_x_k,
+    stride_x_m, stride_x_k, stride_xs_m,
     stride_w_e, stride_w_n, stride_w_k,
     stride_ws_e, stride_ws_n, stride_ws_k,
     stride_b13_e, stride_b13_n,
@@ -177,12 +184,13 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, OVERLAP_SHRINK: tl.constexpr,
     TMA: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, ACT_FP8: tl.constexpr,
 ):  # fmt: skip
     """``h[pos, n] = act(gate, up)`` for the ``BLOCK_N`` intermediate columns ``n`` of one program.
 
     FP8 ``w13`` (``SCALE`` 1 or 2) is multiplied by its ``[SCALE_BN, SCALE_BK]`` block scales
-    (``_scaled_dot``).
+    (``_scaled_dot``); with ``ACT_FP8`` ``x_ptr`` is x quantized per token group of ``SCALE_BK``
+    (``quant_triton.quantize_groups``) and ``x_scale_ptr`` its scales.
 
     Gate and up accumulate separately: gate row of column ``n`` is ``n`` (``2n`` interleaved), up
     row is ``inter + n`` (``2n + 1``). Grid: (max_blocks * cdiv(inter, BLOCK_N),). With ``TMA``
@@ -220,13 +228,16 @@ def _gate_up_kernel(
         k = k0 + offs_k
         k_mask = k < hidden
         xs = tl.load(x_rows + k[None, :] * stride_x_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        x_scale = 0.0
+        if ACT_FP8:
+            x_scale = tl.load(x_scale_ptr + token.to(tl.int64) * stride_xs_m + k0 // SCALE_BK, mask=valid, other=0.0)
         w_gate = _weight_tile(
             w13_ptr, expert, gate_rows, pid_n * BLOCK_N, k0, k, n_mask, k_mask, rows_per_expert,
             stride_w_e, stride_w_n, stride_w_k, TMA,
         )  # fmt: skip
         acc_gate = _scaled_dot(
             acc_gate, xs, w_gate, w13_scale_ptr, expert, gate_rows, k0, k, n_mask, k_mask,
-            stride_ws_e, stride_ws_n, stride_ws_k, PRECISION, SCALE, SCALE_BN, SCALE_BK,
+            stride_ws_e, stride_ws_n, stride_ws_k, x_scale, PRECISION, SCALE, SCALE_BN, SCALE_BK, ACT_FP8,
         )  # fmt: skip
         if GATED:
             w_up = _weight_tile(
@@ -235,7 +246,7 @@ def _gate_up_kernel(
             )  # fmt: skip
             acc_up = _scaled_dot(
                 acc_up, xs, w_up, w13_scale_ptr, expert, up_rows, k0, k, n_mask, k_mask,
-                stride_ws_e, stride_ws_n, stride_ws_k, PRECISION, SCALE, SCALE_BN, SCALE_BK,
+                stride_ws_e, stride_ws_n, stride_ws_k, x_scale, PRECISION, SCALE, SCALE_BN, SCALE_BK, ACT_FP8,
             )  # fmt: skip
     if HAS_LORA:
         if OVERLAP_SHRINK:
@@ -275,10 +286,10 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, y_ptr, w2_scale_ptr,
+    h_ptr, w2_ptr, b2_ptr, s2_ptr, d_b_ptr, y_ptr, w2_scale_ptr, h_scale_ptr,
     sorted_pair_ids_ptr, expert_of_block_ptr, num_blocks_ptr, token_lora_ptr, topk_weights_ptr,
     num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
-    stride_h_m, stride_h_k,
+    stride_h_m, stride_h_k, stride_hs_m,
     stride_w_e, stride_w_n, stride_w_k,
     stride_ws_e, stride_ws_n, stride_ws_k,
     stride_b2_e, stride_b2_n,
@@ -289,9 +300,11 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, OVERLAP_SHRINK: tl.constexpr, TMA: tl.constexpr,
     SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, SPLITS: tl.constexpr,
+    ACT_FP8: tl.constexpr,
 ):  # fmt: skip
     """``y[pair, n] = w * (h[pos] . w2[e, n] + b2[e, n] + lora)`` for ``BLOCK_N`` hidden columns
-    (FP8 ``w2`` times its block scales, as in ``_gate_up_kernel``).
+    (FP8 ``w2`` times its block scales, and with ``ACT_FP8`` ``h_ptr`` FP8 with its group scales
+    ``h_scale_ptr``, as in ``_gate_up_kernel``).
 
     With ``PDL`` the align op's outputs are read before waiting for the previous kernel: that kernel
     waited for them before it let this one launch. With ``OVERLAP_SHRINK`` (after the shrink kernel)
@@ -316,13 +329,16 @@ def _down_kernel(
         k = k0 + offs_k
         k_mask = k < inter
         hs = tl.load(h_rows + k[None, :] * stride_h_k, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        h_scale = 0.0
+        if ACT_FP8:
+            h_scale = tl.load(h_scale_ptr + pos.to(tl.int64) * stride_hs_m + k0 // SCALE_BK, mask=valid, other=0.0)
         w = _weight_tile(
             w2_ptr, expert, offs_n, pid_n * BLOCK_N, k0, k, n_mask, k_mask, hidden,
             stride_w_e, stride_w_n, stride_w_k, TMA,
         )  # fmt: skip
         acc = _scaled_dot(
             acc, hs, w, w2_scale_ptr, expert, offs_n, k0, k, n_mask, k_mask,
-            stride_ws_e, stride_ws_n, stride_ws_k, PRECISION, SCALE, SCALE_BN, SCALE_BK,
+            stride_ws_e, stride_ws_n, stride_ws_k, h_scale, PRECISION, SCALE, SCALE_BN, SCALE_BK, ACT_FP8,
         )  # fmt: skip
     if HAS_LORA:
         if OVERLAP_SHRINK:
@@ -404,6 +420,20 @@ def fused_experts_triton(
     rows = (sorted_pair_ids, expert_of_block, num_blocks, token_lora if has_lora else dummy, topk_weights)
     precision = dot_precision(x.dtype)
     pdl = config.pdl and supports_pdl(x.device)
+    smem = shared_memory_limit(x.device)
+    b_tiles = 2 if options.gated else 1
+    gate_up_tiles = fit_shared_memory(
+        config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales)
+    )
+    down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales))
+    # FP8 tensor-core GEMMs: both GEMMs' K tiles inside one scale block (else the dequantizing dot).
+    act_fp8 = (
+        config.fp8_activations and scales is not None
+        and _scale_mode(scales, gate_up_tiles.block_k) == 1 and _scale_mode(scales, down_tiles.block_k) == 1
+    )  # fmt: skip
+    # Quantized before the shrink: a GEMM that runs its base K loop before waiting for the shrink
+    # (``OVERLAP_SHRINK``) reads it, and the shrink waited for it.
+    x_base, x_scale = quantize_groups(x, scales.block_k) if act_fp8 else (x, dummy)
     if has_lora:
         gate_up_a, gate_up_b, down_a, down_b = lora.gate_up_a, lora.gate_up_b, lora.down_a, lora.down_b
         gate_up_scale, down_scale = lora.gate_up_scale.contiguous(), lora.down_scale.contiguous()
@@ -422,12 +452,6 @@ def fused_experts_triton(
         splits1 = splits2 = 1
         s1 = s2 = x.new_empty(1, 1, 1)
         gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
-    smem = shared_memory_limit(x.device)
-    b_tiles = 2 if options.gated else 1
-    gate_up_tiles = fit_shared_memory(
-        config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales)
-    )
-    down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales))
     overlap_shrink = pdl and has_lora  # the base K loop before the wait for the shrink
     tma = config.tma and not options.interleaved and supports_tma(x.device)
     w13_desc = weight_descriptor(w13, gate_up_tiles.block_n, gate_up_tiles.block_k) if tma else None
@@ -436,31 +460,32 @@ def fused_experts_triton(
     tiles = gate_up_tiles
     w13_scale, gate_up_scaling = _scaling(scales, 0, tiles.block_k, dummy)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, tiles.block_n),)](
-        x, w13_desc if tma else w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h, w13_scale,
-        *rows, num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
+        x_base, w13_desc if tma else w13, w13_bias if w13_bias is not None else dummy, s1, gate_up_b, h, w13_scale,
+        x_scale, *rows, num_pairs, top_k, num_experts, hidden, inter, rank, max_blocks,
         float(options.swiglu_alpha), float(options.swiglu_limit),
-        *x.stride(), *w13.stride(), *_strides(w13_scale, scales),
+        *x_base.stride(), x_scale.stride(0), *w13.stride(), *_strides(w13_scale, scales),
         *(w13_bias.stride() if w13_bias is not None else (0, 0)),
         *s1.stride(), *gate_up_b.stride(), *h.stride(),
         GATED=options.gated, INTERLEAVED=options.interleaved, SPLIT_GATE_UP=has_lora and gate_up_a.shape[2] != rank,
         HAS_BIAS=w13_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=options.weight_on_input,
-        ACTIVATION=ACTIVATION_CODES[options.activation], PRECISION=precision, SPLITS=splits1,
+        ACTIVATION=ACTIVATION_CODES[options.activation], PRECISION=precision, SPLITS=splits1, ACT_FP8=act_fp8,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
         PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **gate_up_scaling,
         **launch_options(tiles, pdl),
     )  # fmt: skip
+    h_base, h_scale = quantize_groups(h, scales.block_k) if act_fp8 else (h, dummy)  # before the shrink, as x's
     if has_lora:
         _shrink(h, down_a, down_scale, s2, *shrink, by_token=False, tiles=config.shrink, pdl=pdl)
     tiles = down_tiles
     w2_scale, down_scaling = _scaling(scales, 1, tiles.block_k, dummy)
     _down_kernel[(max_blocks * triton.cdiv(hidden, tiles.block_n),)](
-        h, w2_desc if tma else w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y, w2_scale,
+        h_base, w2_desc if tma else w2, w2_bias if w2_bias is not None else dummy, s2, down_b, y, w2_scale, h_scale,
         *rows, num_pairs, top_k, num_experts, hidden, inter, down_rank, max_blocks,
-        *h.stride(), *w2.stride(), *_strides(w2_scale, scales),
+        *h_base.stride(), h_scale.stride(0), *w2.stride(), *_strides(w2_scale, scales),
         *(w2_bias.stride() if w2_bias is not None else (0, 0)),
         *s2.stride(), *down_b.stride(), *y.stride(),
         HAS_BIAS=w2_bias is not None, HAS_LORA=has_lora, WEIGHT_ON_INPUT=options.weight_on_input, PRECISION=precision,
-        SPLITS=splits2,
+        SPLITS=splits2, ACT_FP8=act_fp8,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
         PAIR_BLOCKS=pair_blocks, OVERLAP_SHRINK=overlap_shrink, TMA=tma, **down_scaling,
         **launch_options(tiles, pdl),
