@@ -4,7 +4,9 @@ For every model shape and token bucket it searches, one part at a time (block_m,
 tiles, the down tiles and the LoRA shrink tiles), timing the whole op with LoRA (rank 16, tokens
 spread over 4 adapters, CUDA-graph replay over rotated inputs), and keeps the fastest. For decode
 buckets where there is at most one pair per expert on average it then decides whether skipping
-the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64. Other buckets
+the align op (``pair_blocks``: every pair a block of its own) wins at rank 16 and 64, and decode
+buckets whether splitting the shrink's input features over programs (``shrink.k_per_program``,
+``shrink_split``) wins with 16 adapters. Other buckets
 decide whether the expert weight tiles are read through tensor descriptors (``tma``). Every bucket
 also decides the shrink's sub-block rows and programs per sub-block (``shrink_layout``).
 ``--decisions-only`` redoes only these decisions (or those named by ``--decide``) for the given
@@ -34,6 +36,10 @@ from common import SHAPES, TOKENS, ExpertsRunner, results_dir
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
 SHRINK_CHOICES = dict(block_k=(64, 128, 256), num_stages=(2, 3, 4))
+DECISIONS = ("shrink_layout", "decode", "shrink_split", "tma")
+"""The switches ``decide`` takes (``--decisions-only --decide``)."""
+SHRINK_SPLITS = (256, 512, 1024)
+"""``shrink.k_per_program`` values a decode bucket tries (``shrink_split``)."""
 WIN_MARGIN = 0.02
 """A decode variant (pair blocks) or a shrink layout must win by this fraction: smaller wins are
 within run-to-run noise."""
@@ -148,6 +154,32 @@ def shrink_layout(shape, num_tokens, config: LaunchConfig, log) -> LaunchConfig:
     return best
 
 
+def shrink_split(shape, num_tokens, config: LaunchConfig, log) -> LaunchConfig:
+    """``config`` with ``shrink.k_per_program`` chosen (decode buckets): of the splits of
+    ``SHRINK_SPLITS`` that beat no split by ``WIN_MARGIN`` with 16 adapters at ranks 16 and 64, the
+    fastest at rank 16; no split if none does."""
+    base = dataclasses.replace(config, shrink=dataclasses.replace(config.shrink, k_per_program=None))
+    best, best_ms = base, None
+    for k_per_program in SHRINK_SPLITS:
+        if k_per_program % base.shrink.block_k:
+            continue
+        changed = dataclasses.replace(base, shrink=dataclasses.replace(base.shrink, k_per_program=k_per_program))
+        rank16_ms = None
+        for rank in (16, 64):
+            run = make_timer(shape, num_tokens, rank=rank, adapters=16)
+            off_ms, on_ms = alternate(run, base, changed)
+            del run
+            log(f"    16 adapters, rank {rank}: shrink k_per_program {k_per_program} {on_ms:.4f} ms, "
+                f"without {off_ms:.4f} ms")  # fmt: skip
+            if on_ms >= off_ms * (1 - WIN_MARGIN):
+                break
+            rank16_ms = on_ms if rank == 16 else rank16_ms
+        else:
+            if best_ms is None or rank16_ms < best_ms:
+                best, best_ms = changed, rank16_ms
+    return best
+
+
 def decode_decisions(shape, num_tokens, config: LaunchConfig, log) -> LaunchConfig:
     """``config`` with ``pair_blocks`` decided where there is at most one pair per expert (else off)."""
     hidden, inter, num_experts, top_k = shape
@@ -157,22 +189,26 @@ def decode_decisions(shape, num_tokens, config: LaunchConfig, log) -> LaunchConf
     return config
 
 
-def decide(shape, num_tokens, config: LaunchConfig, log, which=("shrink_layout", "decode", "tma")) -> LaunchConfig:
+def decide(
+    shape, num_tokens, config: LaunchConfig, log, which=DECISIONS
+) -> LaunchConfig:
     """``config`` with the decisions named in ``which`` taken: ``shrink_layout`` for every bucket,
-    ``decode`` (``decode_decisions``) for decode buckets, ``tma`` (weight tiles through tensor
-    descriptors, ``faster_in_total``) for the others."""
+    ``decode`` (``decode_decisions``) and ``shrink_split`` for decode buckets, ``tma`` (weight tiles
+    through tensor descriptors, ``faster_in_total``) for the others."""
     hidden, inter, num_experts, top_k = shape
     decode = num_tokens * top_k <= 4 * num_experts
     if "shrink_layout" in which:
         config = shrink_layout(shape, num_tokens, config, log)
     if decode and "decode" in which:
         config = decode_decisions(shape, num_tokens, config, log)
+    if decode and "shrink_split" in which:
+        config = shrink_split(shape, num_tokens, config, log)
     if not decode and "tma" in which:
         config = dataclasses.replace(config, tma=faster_in_total(shape, num_tokens, config, "tma", log))
     return config
 
 
-def tune_shape(shape, tokens, log, decisions_only=False, which=("shrink_layout", "decode", "tma")):
+def tune_shape(shape, tokens, log, decisions_only=False, which=DECISIONS):
     """Tuned buckets of one shape, and the milliseconds of each bucket's best tiles (timed before the
     decisions). ``decisions_only`` keeps each bucket's tiles from the current config and only takes
     the decisions named in ``which`` again (see ``decide``); it times no tiles."""
@@ -209,10 +245,11 @@ def main():
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results", help="where timings go")
     parser.add_argument(
         "--decisions-only", action="store_true",
-        help="keep the tiles, take only the decisions again (shrink layout; pair blocks at decode; tma otherwise)",
+        help="keep the tiles, take only the decisions again (shrink layout; pair blocks and shrink split at "
+        "decode; tma otherwise)",
     )
     parser.add_argument(
-        "--decide", nargs="+", default=["shrink_layout", "decode", "tma"], choices=["shrink_layout", "decode", "tma"],
+        "--decide", nargs="+", default=list(DECISIONS), choices=list(DECISIONS),
         help="with --decisions-only: which decisions to take again",
     )
     args = parser.parse_args()
