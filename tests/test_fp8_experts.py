@@ -287,3 +287,14 @@ def test_activation_groups_quantize_as_the_reference(shape, group):
     assert torch.equal(scale[clean], scale_ref[clean]) and torch.equal(q[clean].float(), q_ref[clean].float())
     assert q[2, 3].float().isnan() and not q[2].float().isnan().sum() > 1
     assert (scale[1] == 1e-12).all() and (q[1].float() == 0).all()
+
+
+@pytest.mark.parametrize("config", ["tiles", "pair_blocks"])
+def test_fp8_activations_keep_a_token_s_nan_in_its_row(config):
+    """A NaN in one token's x, quantized per token group: only that token's output is NaN (blocks mix
+    tokens of several adapters)."""
+    problem = make_problem(T=8, H=64, I=32, E=2, K=2, L=3, R=4, seed=5)
+    problem.x[3, 5] = float("nan")
+    out, _, _ = fp8_activation_run(problem, (16, 32), FP8_ACTIVATION_CONFIGS[config])
+    nan_rows = out.isnan().any(dim=1).cpu()
+    assert nan_rows[3] and nan_rows.sum() == 1, nan_rows
