@@ -13,7 +13,8 @@ building blocks are in ``lora_triton.py``, the top-k sum in ``topk_sum_triton.py
 4. ``_down_kernel``:              ``y[pair] = w * (w2[e] h + b2 + down_b[slot, e] s2)``
 5. ``sum_topk_kernel``:           ``out[t] = sum_k y[t, k]`` over the pairs with a local expert
 
-Without LoRA, kernels 1 and 3 are not launched. The LoRA expand runs in each GEMM after its K loop,
+Without LoRA, kernels 1 and 3 are not launched. With ``fp8_activations`` (below) x is quantized
+before kernel 1 and h before kernel 3 (``quant_triton.quantize_groups``). The LoRA expand runs in each GEMM after its K loop,
 into the same accumulator: for every slot present in the block, ``cdiv(rank, BLOCK_K)`` steps whose
 A operand is that slot's rows of ``s`` (other rows masked to zero) and whose B operand is the
 slot's LoRA B; the step count is known before the loop, so its loads pipeline. A shrink program
@@ -34,6 +35,9 @@ The launch config (``torch_moe_lora.configs.LaunchConfig``) sets the tiles and t
 * ``shrink.slot_programs``: fewer shrink programs per sub-block, each taking several slots.
 * ``shrink.k_per_program``: the shrink's input features split over several programs, each writing
   float32 partial sums (``s1[split]``, ``s2[split]``) that the GEMMs' LoRA steps add in split order.
+* ``fp8_activations`` (FP8 weights whose scale blocks hold whole K tiles): the GEMMs read x and h
+  quantized to FP8 per token and scale block along K, and run FP8 tensor-core dots times both
+  scales; the shrinks read x and h unquantized.
 
 FP8 (e4m3) expert weights come with their block scales: the GEMMs load FP8 tiles and convert them
 to x's dtype for the dot; where the K tile lies inside one scale block (``block_k % BLOCK_K == 0``,
@@ -62,7 +66,6 @@ from .launch import (
     supports_tma,
     weight_descriptor,
 )
-from .quant_triton import quantize_groups
 from .lora_triton import (
     block_expert,
     block_rows,
@@ -71,6 +74,7 @@ from .lora_triton import (
     lora_steps,
     wait_for_previous_kernel,
 )
+from .quant_triton import quantize_groups
 from .topk_sum_triton import sum_topk_kernel
 
 if TYPE_CHECKING:
