@@ -452,7 +452,10 @@ def fused_experts(
         weight_on_input: scale the expert's input by the routing weight instead of its output (Llama 4).
         scales: the block scales of FP8 ``w13``/``w2`` (``WeightScales``), or None for weights in
             x's dtype. The result is the op on the dequantized weights
-            (``reference.dequantize_blocks_ref``); LoRA tables stay in x's dtype.
+            (``reference.dequantize_blocks_ref``); LoRA tables stay in x's dtype. On the GPU, a
+            launch config with ``fp8_activations`` (prefill buckets that set it) also quantizes the
+            base GEMMs' inputs per token and scale block (``reference.fused_experts_ref`` with
+            ``activation_group=block_k``).
 
     Returns:
         ``[T, H]`` in x's dtype (accumulated in float32).
