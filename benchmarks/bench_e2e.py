@@ -27,7 +27,12 @@ and ``e2e_table.txt`` (rows and the ratios the performance targets name) are rew
 ``e2e.json`` that it does not measure again; ``--static-adapters`` picks part static's patched
 rows (``16`` alone: GPT-OSS-20B's missing row, ``--models gpt_oss_20b --parts static
 --static-adapters 16 --merge``); ``--unpatched`` adds the unpatched rows at ``--batch``, eager
-and compiled, to the minimal grid (the first-call ratio). ``plot.py`` draws ``e2e.png``.
+and compiled, to the minimal grid (the first-call ratio). ``--fp8-experts`` replaces the experts by
+transformers' ``FP8Experts`` holding them in e4m3 with 128x128 float32 block scales (the FP8
+checkpoints' layout; Qwen3 only, GPT-OSS's experts have biases) and runs the patched rows under
+``<model>+fp8``; its target, the 16-adapter row at >= 1.4x the bf16 model's, takes the bf16 row
+from the folder (``--models qwen3_30b_a3b --parts static --static-adapters 16 --fp8-experts
+--merge``). ``plot.py`` draws ``e2e.png``.
 ``--tiny``: tiny models in float32, small sizes, compiled rows skipped without CUDA
 (``tests/test_bench_e2e.py`` runs it and checks the adapters against PEFT).
 
@@ -54,7 +59,7 @@ from typing import NamedTuple
 import torch
 import transformers
 from common import results_dir
-from full_size import MODELS, adapter_bytes, adapter_layout, build_model, register
+from full_size import MODELS, adapter_bytes, adapter_layout, build_model, quantize_experts, register
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig, ContinuousBatchingConfig
@@ -155,8 +160,11 @@ RATIOS = [
 Static rows are those at ``--batch``, compiled (eager where there is no CUDA), the others those of
 ``--requests`` requests; rows with adapters are those of ``--rank``. Rows measured interleaved (one ``interleave`` key) also give the ratio of
 each round, whose range the table prints."""
+FP8_RATIO = ("static batch, 16 adapters, FP8 experts / bf16 experts", ">=", 1.4)
+"""The FP8 experts' end-to-end target: a ``<model>+fp8`` static row with 16 adapters (``--fp8-experts``)
+over the same row of ``<model>`` with the same layers (another run's, in the same folder)."""
 COLUMNS = [
-    ("model", "model", -14, "s"), ("setup", "setup", -58, "s"), ("layers", "layers", 7, "d"), ("batch", "batch", 6, "d"),
+    ("model", "model", -18, "s"), ("setup", "setup", -58, "s"), ("layers", "layers", 7, "d"), ("batch", "batch", 6, "d"),
     ("requests", "requests", 9, "d"), ("adapters", "adapters", 9, "d"), ("slots", "slots", 6, "d"),
     ("tokens/s", "tokens_per_s", 11, ".1f"),
     ("first s", "first_call_s", 9, ".2f"), ("peak GiB", "peak_gib", 9, ".1f"), ("swap ms", "swap_in_ms", 9, ".1f"),
@@ -210,11 +218,17 @@ class Bench:
         entries, lines = [], ["ratios (targets):"]
         for model_name, layers in dict.fromkeys((r["model"], r.get("layers")) for r in self.rows):
             label = f"{model_name}/{layers}L"  # rows of other layer counts (``--layers``) are ratios apart
-            for what, field, top, bottom, comparison, target in RATIOS:
+            targets = list(RATIOS)
+            if model_name.endswith("+fp8"):  # against the bf16 model's row (a match's own model wins)
+                what, comparison, target = FP8_RATIO
+                top = dict(kind="static", patched=True, adapters=16)
+                targets.append((what, "tokens_per_s", top, dict(top, model=model_name.removesuffix("+fp8")),
+                                comparison, target))  # fmt: skip
+            for what, field, top, bottom, comparison, target in targets:
                 values = []
                 for match in (top, bottom):
-                    match = dict(match, model=model_name, layers=layers,
-                                 **(dict(rank=self.args.rank) if match["adapters"] else {}))  # fmt: skip
+                    rank = dict(rank=self.args.rank) if match["adapters"] else {}
+                    match = {"model": model_name, "layers": layers, **rank, **match}
                     if match["kind"] == "static":
                         match.update(batch=self.sizes["batch"], compiled=CUDA)
                     else:  # the workload of this run's --requests
@@ -225,7 +239,7 @@ class Bench:
                     found.sort(key=lambda r: key is None or r.get("interleave") != key)
                     values.append(found[0] if found else None)
                 if None in values:
-                    lines.append(f"  {label:<18}{what:<72}   n/a (rows not measured)")
+                    lines.append(f"  {label:<22}{what:<72}   n/a (rows not measured)")
                     continue
                 ratio = values[0][field] / values[1][field]
                 met = {">=": ratio >= target, ">": ratio > target, "<=": ratio <= target}[comparison]
@@ -238,7 +252,7 @@ class Bench:
                     entry["round_ratios"] = rounds
                     note += f", interleaved: {len(rounds)} rounds {min(rounds):.3f}-{max(rounds):.3f}"
                 entries.append(entry)
-                lines.append(f"  {label:<18}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
+                lines.append(f"  {label:<22}{what:<72}{ratio:6.3f} (target {comparison} {target}: "
                              f"{'met' if met else 'missed'}){note}")  # fmt: skip
         return entries, lines
 
@@ -276,7 +290,7 @@ class Bench:
             names[adapters] = [f"lora{i % adapters}" for i in range(batch)] if adapters else None
         if compiled and not CUDA:
             for setup in setups.values():
-                print(f"{model_name:<14}{setup:<58}skipped: compiled rows need CUDA", flush=True)
+                print(f"{model_name:<18}{setup:<58}skipped: compiled rows need CUDA", flush=True)
             return
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
@@ -382,8 +396,15 @@ def run_model(bench: Bench, model_name: str) -> None:
     start = time.perf_counter()
     model = build_model(model_name, args.layers, args.tiny, device, dtype)
     print(f"{model_name}: built {model.config.num_hidden_layers} layers in {time.perf_counter() - start:.1f} s")
-    bench.layers[model_name] = model.config.num_hidden_layers
-    layout = adapter_layout(model, rank)
+    layouts = {rank: adapter_layout(model, rank)}  # of the model as built (PEFT's keys and shapes)
+    layout = layouts[rank]
+    row_name = model_name
+    if args.fp8_experts:
+        quantize_experts(model)
+        release(model)
+        row_name = f"{model_name}+fp8"
+        print(f"{model_name}: experts quantized to FP8 in 128x128 blocks", flush=True)
+    bench.layers[row_name] = model.config.num_hidden_layers
     rng = random.Random(args.seed)
     (p_lo, p_hi), (n_lo, n_hi) = sizes["request_prompt"], sizes["request_new_tokens"]
     vocab = model.config.vocab_size
@@ -404,22 +425,26 @@ def run_model(bench: Bench, model_name: str) -> None:
     def repatch(count: int, slots: int, adapter_rank: int = rank):
         unpatch()
         patched = patch_model(model, {}, max_loras=slots, max_rank=adapter_rank)
-        register(patched, adapter_layout(model, adapter_rank), adapter_rank, range(count), device, dtype)
+        if adapter_rank not in layouts:
+            layouts[adapter_rank] = adapter_layout(model, adapter_rank)
+        register(patched, layouts[adapter_rank], adapter_rank, range(count), device, dtype)
         return patched
 
     def static_rows(counts):
         for batch in batches:
             if full and batch == sizes["batch"]:
-                bench.static(model_name, model, handle, batch, counts, compiled=False, rank=rank)
-            bench.static(model_name, model, handle, batch, counts, compiled=True, rank=rank)
+                bench.static(row_name, model, handle, batch, counts, compiled=False, rank=rank)
+            bench.static(row_name, model, handle, batch, counts, compiled=True, rank=rank)
 
-    if full and "static" in parts:
+    # The unpatched FP8 model would run transformers' own FP8 kernels (the ``kernels`` package): not timed.
+    unpatched = not args.fp8_experts
+    if full and "static" in parts and unpatched:
         for batch in batches:
-            bench.static(model_name, model, None, batch, (0,), compiled=False)
-            bench.static(model_name, model, None, batch, (0,), compiled=True)
-    elif args.unpatched and "static" in parts:
-        bench.static(model_name, model, None, sizes["batch"], (0,), compiled=False)
-        bench.static(model_name, model, None, sizes["batch"], (0,), compiled=True)
+            bench.static(row_name, model, None, batch, (0,), compiled=False)
+            bench.static(row_name, model, None, batch, (0,), compiled=True)
+    elif args.unpatched and "static" in parts and unpatched:
+        bench.static(row_name, model, None, sizes["batch"], (0,), compiled=False)
+        bench.static(row_name, model, None, sizes["batch"], (0,), compiled=True)
     if "static" in parts:
         handle = repatch(16, 16)
         static_rows(args.static_adapters or ((0, 1, 16) if full else (0, 16)))
@@ -429,19 +454,19 @@ def run_model(bench: Bench, model_name: str) -> None:
     if "serving" in parts:
         handle = repatch(16, 16)
         spread16 = with_adapters(requests, 16, args.seed)
-        bench.serve(model_name, handle, requests, 0)
-        bench.serve(model_name, handle, spread16, 16, rank)
-        bench.static_requests(model_name, model, handle, spread16, 16, rank)
+        bench.serve(row_name, handle, requests, 0)
+        bench.serve(row_name, handle, spread16, 16, rank)
+        bench.static_requests(row_name, model, handle, spread16, 16, rank)
         register(handle, layout, rank, range(16, 64), device, dtype)
-        bench.serve(model_name, handle, with_adapters(requests, 64, args.seed), 64, rank)
-        bench.swap_in(model_name, handle, layout, rank, dtype)
+        bench.serve(row_name, handle, with_adapters(requests, 64, args.seed), 64, rank)
+        bench.swap_in(row_name, handle, layout, rank, dtype)
     if "rank64" in parts:
         unpatch()
         free = torch.cuda.mem_get_info()[0] - 24 * 2**30 if CUDA else math.inf  # 24 GiB: activations, graphs
         per_slot = adapter_bytes(adapter_layout(model, 64), dtype)
         slots = max([n for n in (16, 8, 4, 2, 1) if n * per_slot <= free] or [1])
         handle = repatch(slots, slots, 64)
-        bench.static(model_name, model, handle, sizes["batch"], (slots,), compiled=CUDA, rank=64)
+        bench.static(row_name, model, handle, sizes["batch"], (slots,), compiled=CUDA, rank=64)
     unpatch()
 
 
@@ -467,6 +492,9 @@ def main():
     parser.add_argument("--unpatched", action="store_true",
                         help="minimal grid: part static also times the unpatched model, eager and compiled")  # fmt: skip
     parser.add_argument("--layers", type=int, help="layers of each model (default: all)")
+    parser.add_argument("--fp8-experts", action="store_true",
+                        help="the experts as FP8Experts (e4m3, 128x128 float32 block scales), rows of <model>+fp8 "
+                        "(patched rows only)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, help="batch of the minimal grid, the eager rows and the ratios (64)")
     parser.add_argument("--batches", type=int, nargs="+", help="static batches of the full grid (1 16 64 256)")

@@ -59,6 +59,35 @@ def build_model(name: str, layers: int | None, tiny: bool, device: str, dtype: t
     return model.eval()
 
 
+def quantize_experts(model: nn.Module, block: tuple[int, int] = (128, 128)) -> None:
+    """Replaces every experts module of ``model`` by transformers' ``FP8Experts`` holding the same
+    weights quantized to e4m3 in ``block`` (rows, columns) blocks with float32 scales, the FP8
+    checkpoints' layout (``reference.quantize_blocks_ref``), on the weights' device, one layer at a
+    time. Experts with biases (GPT-OSS) are refused: ``FP8Experts`` has none."""
+    from transformers.integrations import finegrained_fp8 as fp8
+    from transformers.integrations.moe import use_experts_implementation
+
+    from torch_moe_lora.models import find_moe_blocks
+    from torch_moe_lora.reference import quantize_blocks_ref
+
+    for moe in find_moe_blocks(model):
+        experts = moe.experts
+        if moe.spec.w13_bias(experts) is not None:
+            raise NotImplementedError(f"{type(experts).__name__} has biases, which FP8Experts cannot hold")
+        cls = use_experts_implementation(
+            experts_class=fp8.FP8Experts, experts_interface=fp8.ALL_FP8_EXPERTS_FUNCTIONS, has_gate=experts.has_gate
+        )
+        with torch.device(moe.spec.w2(experts).device):
+            new = cls(experts.config, block_size=block)
+        for weight, name in ((moe.spec.w13(experts), "gate_up_proj"), (moe.spec.w2(experts), "down_proj")):
+            quantized, scale = quantize_blocks_ref(weight.detach(), block, rows=2 if name == "gate_up_proj" else None)
+            setattr(new, name, nn.Parameter(quantized, requires_grad=False))
+            setattr(new, f"{name}_scale_inv", nn.Parameter(scale, requires_grad=False))
+            del quantized, scale
+        setattr(moe.block, moe.family.experts_attr, new.eval())
+        del experts
+
+
 def lora_config(rank: int) -> dict:
     targets = dict(target_modules=LINEAR_TARGETS, target_parameters=EXPERT_TARGETS)
     return dict(peft_type="LORA", r=rank, lora_alpha=2 * rank, **targets)

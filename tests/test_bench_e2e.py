@@ -204,3 +204,22 @@ def test_host_benchmark_times_both_ways_of_calling_each_op(tmp_path):
         "fused_experts, LoRA",
     ]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 and float(row[5]) > 0 for row in rows), rows
+
+
+def test_tiny_fp8_experts_rows_and_their_ratio_to_bf16(tmp_path):
+    """``--fp8-experts``: the patched rows of the model with FP8Experts (no unpatched rows), under
+    ``<model>+fp8``, merged beside the bf16 rows; the FP8 target's ratio is the FP8 16-adapter row
+    over the bf16 one."""
+    common = ("--tiny", "--grid", "full", "--models", "qwen3_30b_a3b", "--parts", "static",
+              "--static-adapters", "16", "--out", str(tmp_path))  # fmt: skip
+    run_bench(*common)
+    done = run_bench(*common, "--fp8-experts", "--merge")
+    assert "experts quantized to FP8" in done.stdout
+    result = json.loads((tmp_path / "cpu" / "e2e.json").read_text())
+    fp8 = [r for r in result["rows"] if r["model"] == "qwen3_30b_a3b+fp8"]
+    assert [(r["setup"], r["batch"]) for r in fp8] == [("patched, 16 adapters r16, eager", 4)], fp8
+    assert all(r["tokens_per_s"] > 0 and r["layers"] == 2 for r in fp8)
+    bf16 = next(r for r in result["rows"] if r["model"] == "qwen3_30b_a3b" and r["setup"] == fp8[0]["setup"])
+    entry = next(e for e in result["ratios"] if e["what"] == "static batch, 16 adapters, FP8 experts / bf16 experts")
+    assert entry["model"] == "qwen3_30b_a3b+fp8" and entry["target"] == ">= 1.4"
+    assert entry["ratio"] == pytest.approx(fp8[0]["tokens_per_s"] / bf16["tokens_per_s"])
