@@ -83,9 +83,7 @@ def quantize_experts(model: nn.Module, block: tuple[int, int] = (128, 128)) -> N
             quantized, scale = quantize_blocks_ref(weight.detach(), block, rows=2 if name == "gate_up_proj" else None)
             setattr(new, name, nn.Parameter(quantized, requires_grad=False))
             setattr(new, f"{name}_scale_inv", nn.Parameter(scale, requires_grad=False))
-            del quantized, scale
         setattr(moe.block, moe.family.experts_attr, new.eval())
-        del experts
 
 
 def lora_config(rank: int) -> dict:

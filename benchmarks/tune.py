@@ -189,9 +189,7 @@ def decode_decisions(shape, num_tokens, config: LaunchConfig, log) -> LaunchConf
     return config
 
 
-def decide(
-    shape, num_tokens, config: LaunchConfig, log, which=DECISIONS
-) -> LaunchConfig:
+def decide(shape, num_tokens, config: LaunchConfig, log, which=DECISIONS) -> LaunchConfig:
     """``config`` with the decisions named in ``which`` taken: ``shrink_layout`` for every bucket,
     ``decode`` (``decode_decisions``) and ``shrink_split`` for decode buckets, ``tma`` (weight tiles
     through tensor descriptors, ``faster_in_total``) for the others."""

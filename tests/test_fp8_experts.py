@@ -184,6 +184,13 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else 
 )
 def test_fp8_kernels_match_the_reference(problem, block, config):
     """The Triton GEMMs dequantize FP8 tiles in their K loops (Triton's interpreter on the CPU)."""
+    out, w13, w2, scales = run_fp8_kernels(problem, block, KERNEL_CONFIGS[config])
+    assert_close_verbose(out, reference(problem, w13, w2, scales), problem.x.dtype, f"fp8 kernels {config} {block}")
+
+
+def run_fp8_kernels(problem, block, launch: LaunchConfig):
+    """The Triton launcher on ``problem`` with its experts quantized in ``block``, launched with
+    ``launch`` on ``DEVICE`` into a NaN-filled output: (that output, the FP8 w13 and w2, their scales)."""
     w13, w2, scales = quantized_problem(problem, *block)
     gpu = problem.to(DEVICE)
     on_device = WeightScales(scales.w13_scale.to(DEVICE), scales.w2_scale.to(DEVICE), *block)
@@ -191,9 +198,9 @@ def test_fp8_kernels_match_the_reference(problem, block, config):
     fused_experts_triton(
         gpu.x, gpu.topk_ids, gpu.topk_weights, w13.to(DEVICE), w2.to(DEVICE), w13_bias=gpu.w13_bias,
         w2_bias=gpu.w2_bias, token_lora=gpu.token_lora, lora=gpu.lora, options=ExpertOptions(**gpu.options),
-        config=KERNEL_CONFIGS[config], out=out, scales=on_device,
+        config=launch, out=out, scales=on_device,
     )  # fmt: skip
-    assert_close_verbose(out, reference(problem, w13, w2, scales), problem.x.dtype, f"fp8 kernels {config} {block}")
+    return out, w13, w2, scales
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -218,15 +225,7 @@ about one activation in sixty, in bfloat16 more. Elsewhere they agree to x's dty
 
 def fp8_activation_run(problem, block, launch):
     """(the Triton output, the activation-quantized reference, the unquantized reference)."""
-    w13, w2, scales = quantized_problem(problem, *block)
-    gpu = problem.to(DEVICE)
-    on_device = WeightScales(scales.w13_scale.to(DEVICE), scales.w2_scale.to(DEVICE), *block)
-    out = torch.full_like(gpu.x, float("nan"))
-    fused_experts_triton(
-        gpu.x, gpu.topk_ids, gpu.topk_weights, w13.to(DEVICE), w2.to(DEVICE), w13_bias=gpu.w13_bias,
-        w2_bias=gpu.w2_bias, token_lora=gpu.token_lora, lora=gpu.lora, options=ExpertOptions(**gpu.options),
-        config=launch, out=out, scales=on_device,
-    )  # fmt: skip
+    out, w13, w2, scales = run_fp8_kernels(problem, block, launch)
     dequantized = (dequantize_blocks_ref(w13, scales.w13_scale, block), dequantize_blocks_ref(w2, scales.w2_scale, block))
     args = (problem.x, problem.topk_ids, problem.topk_weights, *dequantized)
     quantized = fused_experts_ref(*args, activation_group=block[1], **problem.kwargs())

@@ -77,7 +77,7 @@ class ShrinkTiles(_Checked):
 
     def splits(self, in_features: int) -> int:
         """Programs (partial sums) over ``in_features`` input features."""
-        return 1 if self.k_per_program is None else max(1, -(-in_features // self.k_per_program))
+        return _splits(in_features, self.k_per_program)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,7 +180,12 @@ class LinearLoRAConfig(_Checked):
 
     def shrink_splits(self, in_features: int) -> int:
         """Shrink programs per block for ``in_features`` input features."""
-        return 1 if self.k_per_program is None else max(1, -(-in_features // self.k_per_program))
+        return _splits(in_features, self.k_per_program)
+
+
+def _splits(in_features: int, k_per_program: int | None) -> int:
+    """Programs over ``in_features`` input features, ``k_per_program`` each (None: one for all)."""
+    return 1 if k_per_program is None else max(1, -(-in_features // k_per_program))
 
 
 _POWERS_OF_TWO = {"block_m", "sub_m", "block_n", "block_k", "block", "max_block_r", "num_warps"}

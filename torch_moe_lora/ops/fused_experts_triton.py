@@ -538,7 +538,7 @@ def _shrink(
     sub-block and slot, ``inp`` read by token (``by_token``: x) or by sorted position (h); ``out``
     holds ``tiles.splits(in_features)`` splits (one: all the input features)."""
     rank_total, in_features = a.shape[2], a.shape[3]
-    splits = tiles.splits(in_features)
+    splits = out.shape[0]
     k_per_program = in_features if splits == 1 else tiles.k_per_program
     block_r = min(tiles.max_block_r, rank_block(rank_total))
     r_blocks = triton.cdiv(rank_total, block_r)
