@@ -83,12 +83,14 @@ def check_fused_experts() -> None:
 
 def check_fp8_experts() -> None:
     """FP8 weights: blocks of 128 (a scale per tile row) and of 24 x 20 (a scale per element), sorted
-    and pair blocks, pointers and tensor descriptors."""
+    and pair blocks, pointers and tensor descriptors; with blocks of 128 also FP8 activations."""
     for T, block in ((3, (128, 128)), (700, (24, 20))):
         p = make_problem(T=T, H=64, I=48, E=8, K=2, L=3, R=8, dtype=torch.float16)
         (w13, s13), (w2, s2) = quantize_blocks_ref(p.w13, block), quantize_blocks_ref(p.w2, block)
-        ref = fused_experts_ref(p.x, p.topk_ids, p.topk_weights, dequantize_blocks_ref(w13, s13, block),
-                                dequantize_blocks_ref(w2, s2, block), **p.kwargs())  # fmt: skip
+        dequantized = (p.x, p.topk_ids, p.topk_weights, dequantize_blocks_ref(w13, s13, block),
+                       dequantize_blocks_ref(w2, s2, block))  # fmt: skip
+        ref = fused_experts_ref(*dequantized, **p.kwargs())
+        quantized = fused_experts_ref(*dequantized, activation_group=block[1], **p.kwargs())
         p, w13, w2 = p.to("cuda"), w13.cuda(), w2.cuda()
         scales = WeightScales(s13.cuda(), s2.cuda(), *block)
         config = launch_config(p.x, p.topk_ids, w2)
@@ -101,6 +103,14 @@ def check_fp8_experts() -> None:
             rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
             assert rel <= REL_TOL[torch.float16], (what, block, rel)
             print(f"fp8 fused_experts ok: T={T}, block {block}, {what}, relative error {rel:.2e}")
+        if block == (128, 128):  # FP8 activations: both GEMMs' K tiles inside one scale block
+            out = fused_experts_triton(
+                p.x, p.topk_ids, p.topk_weights, w13, w2, token_lora=p.token_lora, lora=p.lora,
+                options=ExpertOptions(), config=dataclasses.replace(config, fp8_activations=True), scales=scales,
+            )  # fmt: skip
+            rel = ((out.double().cpu() - quantized).norm() / quantized.norm()).item()
+            assert rel <= 5e-2, ("fp8 activations", block, rel)  # tests/test_fp8_experts.py FP8_ACTIVATION_TOL
+            print(f"fp8 fused_experts ok: T={T}, block {block}, fp8 activations, relative error {rel:.2e}")
 
 
 def check_lora_linear() -> None:
