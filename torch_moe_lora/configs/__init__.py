@@ -106,7 +106,8 @@ class LaunchConfig(_Checked):
     """The GEMMs read their expert weight tiles through tensor descriptors (the copy engine; sm_90+,
     gate block then up block, rows 16-byte aligned) instead of computed pointers."""
     fp8_activations: bool = False
-    """FP8 expert weights whose scale blocks hold whole K tiles of both GEMMs (the checkpoints' 128):
+    """FP8 expert weights whose scale blocks hold whole K tiles of both GEMMs, tiles of at least 32
+    along K (the checkpoints' blocks of 128 with K tiles of 32 to 128):
     x and the activations are quantized to FP8 per token and group of the blocks' ``block_k``
     (``reference.quantize_groups_ref``) and the GEMMs run on the FP8 tensor cores (prefill). Without
     it, or where the blocks do not allow it, the weight tiles are converted to x's dtype. No effect

@@ -35,9 +35,9 @@ The launch config (``torch_moe_lora.configs.LaunchConfig``) sets the tiles and t
 * ``shrink.slot_programs``: fewer shrink programs per sub-block, each taking several slots.
 * ``shrink.k_per_program``: the shrink's input features split over several programs, each writing
   float32 partial sums (``s1[split]``, ``s2[split]``) that the GEMMs' LoRA steps add in split order.
-* ``fp8_activations`` (FP8 weights whose scale blocks hold whole K tiles): the GEMMs read x and h
-  quantized to FP8 per token and scale block along K, and run FP8 tensor-core dots times both
-  scales; the shrinks read x and h unquantized.
+* ``fp8_activations`` (FP8 weights whose scale blocks hold whole K tiles, of at least 32): the GEMMs
+  read x and h quantized to FP8 per token and scale block along K, and run FP8 tensor-core dots
+  times both scales; the shrinks read x and h unquantized.
 
 FP8 (e4m3) expert weights come with their block scales: the GEMMs load FP8 tiles and convert them
 to x's dtype for the dot; where the K tile lies inside one scale block (``block_k % BLOCK_K == 0``,
@@ -430,10 +430,11 @@ def fused_experts_triton(
         config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales)
     )
     down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales))
-    # FP8 tensor-core GEMMs: both GEMMs' K tiles inside one scale block (else the dequantizing dot).
+    # FP8 tensor-core GEMMs: both GEMMs' K tiles inside one scale block and at least one FP8 MMA
+    # step deep (else the dequantizing dot).
     act_fp8 = (
         config.fp8_activations and scales is not None
-        and _scale_mode(scales, gate_up_tiles.block_k) == 1 and _scale_mode(scales, down_tiles.block_k) == 1
+        and all(_scale_mode(scales, t.block_k) == 1 and t.block_k >= FP8_DOT_MIN_K for t in (gate_up_tiles, down_tiles))
     )  # fmt: skip
     # Quantized before the shrink: a GEMM that runs its base K loop before waiting for the shrink
     # (``OVERLAP_SHRINK``) reads it, and the shrink waited for it.
@@ -511,6 +512,10 @@ def _scaling(scales: WeightScales | None, which: int, block_k: int, dummy: torch
     scale = scales[which]
     scale = scale if scale.dtype == torch.float32 else scale.float()  # UE8M0: powers of two, exact in float32
     return scale, dict(SCALE=_scale_mode(scales, block_k), SCALE_BN=scales.block_n, SCALE_BK=scales.block_k)
+
+
+FP8_DOT_MIN_K = 32
+"""The least K of an FP8 ``tl.dot`` (the FP8 tensor cores' step; Triton refuses less on the GPU)."""
 
 
 def _scale_mode(scales: WeightScales, block_k: int) -> int:

@@ -28,8 +28,9 @@ def _quantize_groups_kernel(
     offs = g * group + tl.arange(0, BLOCK)
     mask = (tl.arange(0, BLOCK) < group) & (offs < cols)
     v = tl.load(x_ptr + row * stride_x_m + offs * stride_x_k, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(v)) / MAX, MIN)
-    tl.store(q_ptr + row * stride_q_m + offs, (v / scale).to(q_ptr.dtype.element_ty), mask=mask)
+    # Rounded divisions (``/`` on float32 is approximate on the GPU): the reference's values exactly.
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v)), MAX), MIN)
+    tl.store(q_ptr + row * stride_q_m + offs, tl.math.div_rn(v, scale).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row * stride_s_m + g, scale)
 
 
