@@ -289,6 +289,7 @@ def test_weight_descriptor_only_where_the_copy_engine_can_read():
 
 
 def test_fit_shared_memory_shrinks_stages_then_k_tile():
+    """Stages first, then the K tile, until the base loop's tiles and the LoRA loop's partial sums fit."""
     from torch_moe_lora.ops.launch import fit_shared_memory
 
     tiles = GemmTiles(block_n=128, block_k=128, num_stages=4, num_warps=8, group_m=1)
@@ -298,3 +299,10 @@ def test_fit_shared_memory_shrinks_stages_then_k_tile():
     assert fp32.num_stages * fp32.block_k * (64 + 2 * 128) * 4 <= 232448
     assert (fp32.num_stages, fp32.block_k) == (2, 64)
     assert dataclasses.replace(fp32, num_stages=4, block_k=128) == tiles, "only stages and the K tile change"
+    # An H100 decode bucket (5 stages of 16 x 128 and 128 x 2 x 32) with the shrink split 8 ways: the
+    # LoRA loop's float32 partial sums asked 294912 bytes of Triton, over the 232448 there.
+    decode = GemmTiles(block_n=32, block_k=128, num_stages=5, num_warps=4, group_m=1)
+    assert fit_shared_memory(decode, 16, 2 * 32, 2, 232448) == decode, "unsplit: as tuned"
+    split = fit_shared_memory(decode, 16, 2 * 32, 2, 232448, partial_sums=8)
+    assert split.num_stages * split.block_k * (8 * 16 * 4 + 2 * 32 * 2) <= 232448
+    assert (split.num_stages, split.block_k) == (2, 128)

@@ -426,10 +426,15 @@ def fused_experts_triton(
     pdl = config.pdl and supports_pdl(x.device)
     smem = shared_memory_limit(x.device)
     b_tiles = 2 if options.gated else 1
+    # The shrinks' float32 partial sums per split of the input features, which the GEMMs' LoRA steps add.
+    splits1, splits2 = (config.shrink.splits(hidden), config.shrink.splits(inter)) if has_lora else (1, 1)
     gate_up_tiles = fit_shared_memory(
-        config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales)
+        config.gate_up, block_m, b_tiles * config.gate_up.block_n, x.element_size(), smem, _weight_bytes(w13, scales),
+        splits1,
+    )  # fmt: skip
+    down_tiles = fit_shared_memory(
+        config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales), splits2
     )
-    down_tiles = fit_shared_memory(config.down, block_m, config.down.block_n, x.element_size(), smem, _weight_bytes(w2, scales))
     # FP8 tensor-core GEMMs: both GEMMs' K tiles inside one scale block and at least one FP8 MMA
     # step deep (else the dequantizing dot).
     act_fp8 = (
@@ -448,13 +453,11 @@ def fused_experts_triton(
             num_pairs, top_k, num_experts, num_slots, block_m, sub_m, pair_blocks,
         )  # fmt: skip
         # The shrinks' outputs: one row per sorted position, or float32 partial sums per split.
-        splits1, splits2 = config.shrink.splits(hidden), config.shrink.splits(inter)
         s1 = x.new_empty(splits1, num_rows, gate_up_a.shape[2], dtype=torch.float32 if splits1 > 1 else x.dtype)
         s2 = x.new_empty(splits2, num_rows, down_rank, dtype=torch.float32 if splits2 > 1 else x.dtype)
         _shrink(x, gate_up_a, gate_up_scale, s1, *shrink, by_token=True, tiles=config.shrink, pdl=pdl)
     else:
         rank = down_rank = 0
-        splits1 = splits2 = 1
         s1 = s2 = x.new_empty(1, 1, 1)
         gate_up_b = down_b = x.new_empty(1, 1, 1, 1)
     overlap_shrink = pdl and has_lora  # the base K loop before the wait for the shrink

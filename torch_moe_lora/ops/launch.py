@@ -16,7 +16,9 @@ def launch_options(tiles, pdl: bool) -> dict:
     return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, PDL=pdl, launch_pdl=pdl)
 
 
-def fit_shared_memory(tiles, block_m: int, b_cols: int, element_size: int, limit: int | None, b_element_size=None):
+def fit_shared_memory(
+    tiles, block_m: int, b_cols: int, element_size: int, limit: int | None, b_element_size=None, partial_sums: int = 1
+):
     """``tiles`` (with ``num_stages`` and ``block_k``) with fewer pipeline stages, then a smaller K
     tile, until one kernel's tiles fit ``limit`` bytes.
 
@@ -24,7 +26,10 @@ def fit_shared_memory(tiles, block_m: int, b_cols: int, element_size: int, limit
     holds one ``[block_m, block_k]`` A tile of ``element_size`` bytes an element and ``[block_k,
     b_cols]`` of B tiles of ``b_element_size(block_k)`` bytes (default ``element_size``; FP8 weights
     with a float32 scale per element take 1 + 4). Triton keeps ``num_stages - 1`` stages in shared
-    memory; counting ``num_stages`` leaves room for its other buffers.
+    memory; counting ``num_stages`` leaves room for its other buffers. With ``partial_sums`` > 1
+    (the LoRA shrink split over the input features) the kernel's LoRA loop, pipelined with the same
+    stages, holds that many float32 ``[block_m, block_k]`` tiles a stage (and B tiles of at most
+    ``b_cols`` columns in ``element_size``); the larger of the two loops must fit.
     """
     if limit is None:
         return tiles
@@ -32,7 +37,9 @@ def fit_shared_memory(tiles, block_m: int, b_cols: int, element_size: int, limit
     b_bytes = b_element_size or (lambda _: element_size)
 
     def need() -> int:
-        return num_stages * block_k * (block_m * element_size + b_cols * b_bytes(block_k))
+        base = block_m * element_size + b_cols * b_bytes(block_k)
+        lora = partial_sums * block_m * 4 + b_cols * element_size if partial_sums > 1 else 0
+        return num_stages * block_k * max(base, lora)
 
     while need() > limit and num_stages > 2:
         num_stages -= 1
