@@ -289,17 +289,25 @@ class ExpertsRunner:
     """The fused experts kernels with a given ``LaunchConfig``, on random problems of one shape and
     token count.
 
-    Holds random expert weights, a table of ``NUM_SLOTS`` LoRA slots of rank ``rank`` (none where
-    ``rank`` is 0), and ``rotations`` input sets, each with its own tokens, routing and token mapping
-    (``token_mapping(scenario)``). ``time`` runs one call per input set inside one CUDA graph, so
-    that replays do not find one set's weights in L2.
+    Holds random expert weights (with ``fp8_block``, quantized to float8 e4m3 in square blocks of
+    that size with float32 scales, as the FP8 checkpoints ship them), a table of ``NUM_SLOTS`` LoRA
+    slots of rank ``rank`` (none where ``rank`` is 0), and ``rotations`` input sets, each with its
+    own tokens, routing and token mapping (``token_mapping(scenario)``). ``time`` runs one call per
+    input set inside one CUDA graph, so that replays do not find one set's weights in L2.
     """
 
     def __init__(
         self, shape: MoEShape, num_tokens: int, *, rank: int = 16, scenario: str = "uniform4", rotations: int = 3,
-        dtype=torch.bfloat16,
+        dtype=torch.bfloat16, fp8_block: int | None = None,
     ):  # fmt: skip
         self.w13, self.w2 = random_experts(shape, dtype)
+        self.scales = None
+        if fp8_block is not None:
+            from torch_moe_lora import WeightScales
+            from torch_moe_lora.reference import quantize_blocks_ref
+
+            (self.w13, s13), (self.w2, s2) = (quantize_blocks_ref(w, (fp8_block, fp8_block)) for w in (self.w13, self.w2))
+            self.scales = WeightScales(s13, s2, fp8_block, fp8_block)
         self.lora = random_lora(NUM_SLOTS, shape.num_experts, shape.hidden, shape.inter, rank, dtype) if rank else None
         self.inputs = [
             (*random_tokens(shape, num_tokens, dtype), token_mapping(num_tokens, scenario, NUM_SLOTS) if rank else None)
@@ -315,7 +323,7 @@ class ExpertsRunner:
         return fused_experts_triton(
             x, topk_ids, topk_weights, self.w13, self.w2,
             token_lora=token_lora if with_lora else None, lora=self.lora if with_lora else None,
-            options=ExpertOptions(), config=config,
+            options=ExpertOptions(), config=config, scales=self.scales,
         )  # fmt: skip
 
     def time(self, config: LaunchConfig, *, replays: int = 8, budget_ms: float = 150.0) -> float:

@@ -8,6 +8,9 @@ dotted name reaches into a kernel's tiles (``common.with_changes``).
 
     python benchmarks/compare_configs.py --shape qwen3_30b_a3b --set pdl=false
     python benchmarks/compare_configs.py --shape qwen3_30b_a3b --set pair_blocks=true gate_up.block_n=32
+    python benchmarks/compare_configs.py --fp8 --tokens 1024 4096 --set fp8_activations=true gate_up.block_k=128
+
+``--fp8``: the experts in float8 e4m3 with 128x128 block scales, against the config FP8 calls take.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from torch_moe_lora.configs import get_config
 from common import SHAPES, ExpertsRunner, with_changes
 
 
-def compare(shape, num_tokens, rank, changes, scenario) -> str:
-    runner = ExpertsRunner(shape, num_tokens, rank=rank, scenario=scenario)
+def compare(shape, num_tokens, rank, changes, scenario, fp8=False) -> str:
+    runner = ExpertsRunner(shape, num_tokens, rank=rank, scenario=scenario, fp8_block=128 if fp8 else None)
     hidden, inter, num_experts, top_k = shape
-    tuned = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens)
+    weights = "fp8" if fp8 else None
+    tuned = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens, weights)
     changed = with_changes(tuned, changes)
     diff = (runner.call(tuned).float() - runner.call(changed).float()).abs().max().item()
     times = {"tuned": [], "changed": []}
@@ -42,10 +46,14 @@ def main():
     parser.add_argument("--ranks", nargs="*", type=int, default=[0, 16, 64])
     parser.add_argument("--scenario", default="uniform4")
     parser.add_argument("--set", dest="changes", nargs="+", required=True, metavar="NAME=JSON")
+    parser.add_argument("--fp8", action="store_true", help="FP8 experts (128x128 block scales)")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()} {args.shape} {args.scenario}: tuned vs {' '.join(args.changes)} (ratio > 1: changed is faster)")
+    fp8 = " fp8 experts" if args.fp8 else ""
+    print(f"{torch.cuda.get_device_name()} {args.shape}{fp8} {args.scenario}: tuned vs {' '.join(args.changes)} (ratio > 1: changed is faster)")
     for num_tokens in args.tokens:
-        cells = [compare(SHAPES[args.shape], num_tokens, rank, args.changes, args.scenario) for rank in args.ranks]
+        cells = [
+            compare(SHAPES[args.shape], num_tokens, rank, args.changes, args.scenario, args.fp8) for rank in args.ranks
+        ]
         print(f"T={num_tokens:6d} | " + " | ".join(cells), flush=True)
         torch.cuda.empty_cache()
 

@@ -9,12 +9,17 @@ buckets whether splitting the shrink's input features over programs (``shrink.k_
 ``shrink_split``) wins with 16 adapters. Other buckets
 decide whether the expert weight tiles are read through tensor descriptors (``tma``). Every bucket
 also decides the shrink's sub-block rows and programs per sub-block (``shrink_layout``).
+With ``--fp8`` the experts are float8 e4m3 in 128x128 blocks (the FP8 checkpoints' format), the
+prefill tiles also try K tiles of 128 (an FP8 tile of 128 is the bytes of a 16-bit tile of 64), prefill
+buckets also decide ``fp8_activations`` (FP8 tensor-core GEMMs), and the buckets go to the shape's
+``W=fp8`` entry (``shape_key``), which FP8 calls take before the 16-bit one.
 ``--decisions-only`` redoes only these decisions (or those named by ``--decide``) for the given
 buckets, keeping their tiles. Buckets merge into the shape's entry of an existing file, written in
 the ``LaunchConfig`` format (keys at their defaults left out); the time of each bucket's best tiles
 merges into ``benchmarks/results/<gpu>/tuned_config_timings.json``.
 
     python benchmarks/tune.py --shapes qwen3_30b_a3b --out torch_moe_lora/configs
+    python benchmarks/tune.py --shapes qwen3_30b_a3b --fp8
 """
 
 from __future__ import annotations
@@ -36,7 +41,11 @@ from common import SHAPES, TOKENS, ExpertsRunner, results_dir
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
 SHRINK_CHOICES = dict(block_k=(64, 128, 256), num_stages=(2, 3, 4))
-DECISIONS = ("shrink_layout", "decode", "shrink_split", "tma")
+FP8_PREFILL_BLOCK_K = (64, 128)
+"""The prefill tiles' K choices for FP8 weights (``--fp8``)."""
+FP8_BLOCK = 128
+"""The scale blocks of ``--fp8``'s weights (the checkpoints' 128x128)."""
+DECISIONS = ("shrink_layout", "decode", "shrink_split", "tma", "fp8_activations")
 """The switches ``decide`` takes (``--decisions-only --decide``)."""
 SHRINK_SPLITS = (256, 512, 1024)
 """``shrink.k_per_program`` values a decode bucket tries (``shrink_split``)."""
@@ -55,10 +64,19 @@ def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> tuple[int,
     return (64, 128)
 
 
+fp8_block: int | None = None
+"""Set by ``--fp8``: every timer's experts are FP8 in blocks of this size (``ExpertsRunner``)."""
+
+
+def weights() -> str | None:
+    """The weight format of the buckets tuned (``shape_key``)."""
+    return None if fp8_block is None else "fp8"
+
+
 def make_timer(shape, num_tokens, rank=16, adapters=4):
     """A function from a ``LaunchConfig`` to its milliseconds per call (``ExpertsRunner.time``) with LoRA
-    of rank ``rank``, tokens spread over ``adapters`` adapters."""
-    return ExpertsRunner(shape, num_tokens, rank=rank, scenario=f"uniform{adapters}").time
+    of rank ``rank``, tokens spread over ``adapters`` adapters (FP8 experts under ``--fp8``)."""
+    return ExpertsRunner(shape, num_tokens, rank=rank, scenario=f"uniform{adapters}", fp8_block=fp8_block).time
 
 
 def best_of(run, base: LaunchConfig, part, candidates, log):
@@ -192,7 +210,9 @@ def decode_decisions(shape, num_tokens, config: LaunchConfig, log) -> LaunchConf
 def decide(shape, num_tokens, config: LaunchConfig, log, which=DECISIONS) -> LaunchConfig:
     """``config`` with the decisions named in ``which`` taken: ``shrink_layout`` for every bucket,
     ``decode`` (``decode_decisions``) and ``shrink_split`` for decode buckets, ``tma`` (weight tiles
-    through tensor descriptors, ``faster_in_total``) for the others."""
+    through tensor descriptors, ``faster_in_total``) for the others, and with FP8 experts also
+    ``fp8_activations`` for those (``switch_wins``: it changes the results, by the activations'
+    quantization, so it must win by ``WIN_MARGIN`` at ranks 16 and 64)."""
     hidden, inter, num_experts, top_k = shape
     decode = num_tokens * top_k <= 4 * num_experts
     if "shrink_layout" in which:
@@ -203,6 +223,10 @@ def decide(shape, num_tokens, config: LaunchConfig, log, which=DECISIONS) -> Lau
         config = shrink_split(shape, num_tokens, config, log)
     if not decode and "tma" in which:
         config = dataclasses.replace(config, tma=faster_in_total(shape, num_tokens, config, "tma", log))
+    if not decode and fp8_block is not None and "fp8_activations" in which:
+        config = dataclasses.replace(
+            config, fp8_activations=switch_wins(shape, num_tokens, config, "fp8_activations", log)
+        )
     return config
 
 
@@ -214,7 +238,7 @@ def tune_shape(shape, tokens, log, decisions_only=False, which=DECISIONS):
     buckets, timings = {}, {}
     for num_tokens in tokens:
         if decisions_only:
-            config = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens)
+            config = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens, weights())
             log(f"  T={num_tokens}:")
             buckets[str(num_tokens)] = decide(shape, num_tokens, config, log, which)
             continue
@@ -224,7 +248,8 @@ def tune_shape(shape, tokens, log, decisions_only=False, which=DECISIONS):
         config, _ = best_of(
             run, config, None, [dict(block_m=m) for m in block_m_choices(num_tokens, top_k, num_experts)], log
         )
-        tiles = grid(DECODE_TILES if num_tokens * top_k <= 4 * num_experts else PREFILL_TILES)
+        prefill = PREFILL_TILES if fp8_block is None else dict(PREFILL_TILES, block_k=FP8_PREFILL_BLOCK_K)
+        tiles = grid(DECODE_TILES if num_tokens * top_k <= 4 * num_experts else prefill)
         config, _ = best_of(run, config, "gate_up", tiles, log)
         config, _ = best_of(run, config, "down", tiles, log)
         config, ms = best_of(run, config, "shrink", grid(SHRINK_CHOICES), log)
@@ -250,7 +275,10 @@ def main():
         "--decide", nargs="+", default=list(DECISIONS), choices=list(DECISIONS),
         help="with --decisions-only: which decisions to take again",
     )
+    parser.add_argument("--fp8", action="store_true", help=f"FP8 experts ({FP8_BLOCK}x{FP8_BLOCK} blocks): the W=fp8 entries")
     args = parser.parse_args()
+    global fp8_block
+    fp8_block = FP8_BLOCK if args.fp8 else None
     device = torch.cuda.get_device_name()
     path = args.out / device_file_name(device)
     tuned = json.loads(path.read_text()) if path.exists() else {}
@@ -259,19 +287,21 @@ def main():
     timings.update(
         device=device,
         what="milliseconds per call of each tuned bucket's best tiles, timed by benchmarks/tune.py before its switch "
-        "decisions (bf16, LoRA rank 16, tokens over 4 adapters, CUDA-graph replay over rotated inputs), by shape "
-        "and token bucket",
+        "decisions (bf16 x; bf16 experts, FP8 ones under the keys with W=fp8; LoRA rank 16, tokens over 4 "
+        "adapters, CUDA-graph replay over rotated inputs), by shape and token bucket",
     )
     for name in args.shapes:
         shape = SHAPES[name]
         print(f"{name} {tuple(shape)}", flush=True)
         hidden, inter, num_experts, top_k = shape
-        key = shape_key(num_experts, hidden, inter, top_k)
+        key = shape_key(num_experts, hidden, inter, top_k, weights())
         if args.decisions_only and key not in tuned:
-            # A shape without tuned tiles takes default.json's, which are chosen by rows per
-            # expert: seed every token bucket with them, so that token counts between the buckets
-            # taken here keep the default's choice.
-            tuned[key] = {str(t): get_config(None, num_experts, hidden, inter, top_k, t).to_dict() for t in TOKENS}
+            # A shape without tuned tiles takes what a call would (default.json's tiles, chosen by
+            # rows per expert; for FP8 weights the shape's 16-bit entry where there is one): seed
+            # every token bucket with them, so that token counts between the buckets taken here
+            # keep that choice.
+            shape_args = (num_experts, hidden, inter, top_k)
+            tuned[key] = {str(t): get_config(device, *shape_args, t, weights()).to_dict() for t in TOKENS}
         configs, ms = tune_shape(shape, args.tokens, lambda m: print(m, flush=True), args.decisions_only, args.decide)
         buckets = tuned.setdefault(key, {})
         buckets.update({bucket: config.to_dict() for bucket, config in configs.items()})

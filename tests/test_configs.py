@@ -7,8 +7,11 @@ import json
 import pytest
 import torch
 
+import torch_moe_lora.configs as configs_module
 import torch_moe_lora.ops.fused_experts as fused_experts_module
-from torch_moe_lora.configs import CONFIG_DIR, LaunchConfig, LinearLoRAConfig, ShrinkTiles, get_config, get_linear_lora_config, parse_buckets
+from torch_moe_lora.configs import (
+    CONFIG_DIR, LaunchConfig, LinearLoRAConfig, ShrinkTiles, get_config, get_linear_lora_config, parse_buckets, shape_key,
+)  # fmt: skip
 from torch_moe_lora.ops.fused_experts import launch_config
 
 FUSED_EXPERTS_FILES = ["default.json", "NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"]
@@ -80,13 +83,18 @@ def differing_neighbours(buckets: dict) -> int:
     return sum(a != b for a, b in zip(configs, configs[1:]))
 
 
-def call_shapes(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int):
-    """``x``, ``topk_ids`` and ``w2`` of a call, as meta tensors (``launch_config`` reads their shapes)."""
+WEIGHT_DTYPES = {None: torch.float32, "fp8": torch.float8_e4m3fn}
+"""The expert weights' dtype of each shape key's weight format (``shape_key``)."""
+
+
+def call_shapes(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, weights: str | None = None):
+    """``x``, ``topk_ids`` and ``w2`` of a call, as meta tensors (``launch_config`` reads their shapes
+    and the weights' dtype)."""
     meta = dict(device="meta")
     return (
         torch.empty(num_tokens, hidden, **meta),
         torch.empty(num_tokens, top_k, dtype=torch.int64, **meta),
-        torch.empty(num_experts, hidden, inter, **meta),
+        torch.empty(num_experts, hidden, inter, dtype=WEIGHT_DTYPES[weights], **meta),
     )
 
 
@@ -103,9 +111,30 @@ def test_launch_config_takes_the_tuned_bucket_of_the_token_count(name, monkeypat
         E, H, I, K = (int(sizes[key]) for key in "EHIK")
         buckets = parse_buckets(entries, f"{name}, {shape}")
         for tokens, bucket in bucket_edges(buckets):
-            assert launch_config(*call_shapes(tokens, E, H, I, K)) == buckets[bucket], (shape, tokens, bucket)
+            call = call_shapes(tokens, E, H, I, K, sizes.get("W"))
+            assert launch_config(*call) == buckets[bucket], (shape, tokens, bucket)
         differing_edges += differing_neighbours(buckets)
     assert differing_edges, f"{name}: every bucket of every shape holds the same config"
+
+
+def test_fp8_weights_take_their_own_entry_else_the_shape_s(monkeypatch, tmp_path):
+    """A shape's ``W=fp8`` entry serves calls with FP8 experts only; without one, FP8 experts take the
+    shape's entry for 16-bit weights; an unknown weight format is refused."""
+    bf16, fp8 = dict(VALID, block_m=32), dict(VALID, block_m=64, fp8_activations=True)
+    shape = shape_key(8, 64, 32, 2)
+    (tmp_path / "GPU_A.json").write_text(json.dumps({shape: {"1": bf16}, shape_key(8, 64, 32, 2, "fp8"): {"1": fp8}}))
+    (tmp_path / "GPU_B.json").write_text(json.dumps({shape: {"1": bf16}}))
+    monkeypatch.setattr(configs_module, "CONFIG_DIR", tmp_path)
+    configs_module._device_configs.cache_clear()
+    try:
+        for device, weights, expected in (("GPU A", None, bf16), ("GPU A", "fp8", fp8), ("GPU B", "fp8", bf16)):
+            monkeypatch.setattr(fused_experts_module, "_device_name", lambda _, device=device: device)
+            got = launch_config(*call_shapes(1, 8, 64, 32, 2, weights))
+            assert got == LaunchConfig.from_dict(expected, "test"), (device, weights)
+    finally:
+        configs_module._device_configs.cache_clear()
+    with pytest.raises(ValueError, match="weights must be None or one of"):
+        shape_key(8, 64, 32, 2, "int4")
 
 
 def test_launch_config_takes_the_default_bucket_of_the_rows_per_expert():

@@ -1,7 +1,7 @@
 """Launch configs of the kernels: the schemas (``LaunchConfig``, ``LinearLoRAConfig``) and the tuned data.
 
 ``<device>.json`` (device name with non-alphanumerics replaced by ``_``) maps a shape key
-``E=..,H=..,I=..,K=..`` to token-count buckets, each a ``LaunchConfig`` as a JSON object; the call
+``E=..,H=..,I=..,K=..`` (``,W=fp8`` appended for FP8 expert weights) to token-count buckets, each a ``LaunchConfig`` as a JSON object; the call
 takes the smallest bucket >= its token count, else the largest. ``default.json`` maps buckets of
 average rows per expert (``T * K / E``, which decides the tile shapes across models with few large
 experts and many small ones alike) to configs for any device and shape without a tuned entry; its
@@ -252,8 +252,18 @@ def device_file_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
 
 
-def shape_key(num_experts: int, hidden: int, inter: int, top_k: int) -> str:
-    return f"E={num_experts},H={hidden},I={inter},K={top_k}"
+WEIGHT_FORMATS = ("fp8",)
+"""Expert weight formats with entries of their own (``shape_key``'s ``weights``): FP8 (e4m3) tiles
+are half the bytes of 16-bit ones, so they take other tiles (and ``fp8_activations``)."""
+
+
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, weights: str | None = None) -> str:
+    """``E=..,H=..,I=..,K=..``, with ``,W=<weights>`` for expert weights in one of ``WEIGHT_FORMATS``
+    (None: weights in x's dtype)."""
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be None or one of {WEIGHT_FORMATS}, got {weights!r}")
+    key = f"E={num_experts},H={hidden},I={inter},K={top_k}"
+    return key if weights is None else f"{key},W={weights}"
 
 
 def parse_buckets(data: dict, where: str, schema=LaunchConfig) -> dict:
@@ -299,11 +309,17 @@ def _pick_bucket(buckets: dict, size: int):
 
 
 def get_config(
-    device_name: str | None, num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int
+    device_name: str | None, num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int,
+    weights: str | None = None,
 ) -> LaunchConfig:
-    """The launch config for one call: the tuned entry for this device and shape if any, else the default."""
+    """The launch config for one call: the tuned entry for this device, shape and weight format
+    (``shape_key``) if any, else (FP8 weights without an entry of their own) the shape's entry for
+    16-bit weights, else the default."""
     if device_name is not None:
-        tuned = _device_configs(device_file_name(device_name)).get(shape_key(num_experts, hidden, inter, top_k))
+        entries = _device_configs(device_file_name(device_name))
+        shape = (num_experts, hidden, inter, top_k)
+        keys = dict.fromkeys((shape_key(*shape, weights), shape_key(*shape)))
+        tuned = next((entries[key] for key in keys if key in entries), None)
         if tuned:
             return _pick_bucket(tuned, num_tokens)
     rows_per_expert = -(-num_tokens * top_k // num_experts)

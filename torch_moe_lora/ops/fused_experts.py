@@ -317,8 +317,11 @@ def _device_name(device: torch.device) -> str | None:
 
 
 def launch_config(x, topk_ids, w2) -> LaunchConfig:
-    """The tuned launch config for this call's device and shapes (``torch_moe_lora/configs``)."""
-    return get_config(_device_name(x.device), w2.shape[0], x.shape[1], w2.shape[2], topk_ids.shape[1], x.shape[0])
+    """The tuned launch config for this call's device, shapes and weight format (``torch_moe_lora/configs``)."""
+    weights = "fp8" if w2.dtype in FP8_DTYPES else None
+    return get_config(
+        _device_name(x.device), w2.shape[0], x.shape[1], w2.shape[2], topk_ids.shape[1], x.shape[0], weights
+    )
 
 
 def _lora_delta(xs, a, b, scale, gate_rows):
