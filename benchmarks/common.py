@@ -285,6 +285,20 @@ def with_changes(config: LaunchConfig, changes: list[str]) -> LaunchConfig:
     return type(config).from_dict(data, f"--set {' '.join(changes)}")
 
 
+FP8_BLOCK = 128
+"""The scale blocks of the FP8 benchmarks' expert weights (the FP8 checkpoints' 128x128)."""
+
+
+def fp8_experts(w13: torch.Tensor, w2: torch.Tensor, block: int = FP8_BLOCK):
+    """``(w13, w2, WeightScales)``: the experts in float8 e4m3 with float32 scales per ``block`` x
+    ``block`` block (``reference.quantize_blocks_ref``)."""
+    from torch_moe_lora import WeightScales
+    from torch_moe_lora.reference import quantize_blocks_ref
+
+    (q13, s13), (q2, s2) = (quantize_blocks_ref(w, (block, block)) for w in (w13, w2))
+    return q13, q2, WeightScales(s13, s2, block, block)
+
+
 class ExpertsRunner:
     """The fused experts kernels with a given ``LaunchConfig``, on random problems of one shape and
     token count.
@@ -303,11 +317,7 @@ class ExpertsRunner:
         self.w13, self.w2 = random_experts(shape, dtype)
         self.scales = None
         if fp8_block is not None:
-            from torch_moe_lora import WeightScales
-            from torch_moe_lora.reference import quantize_blocks_ref
-
-            (self.w13, s13), (self.w2, s2) = (quantize_blocks_ref(w, (fp8_block, fp8_block)) for w in (self.w13, self.w2))
-            self.scales = WeightScales(s13, s2, fp8_block, fp8_block)
+            self.w13, self.w2, self.scales = fp8_experts(self.w13, self.w2, fp8_block)
         self.lora = random_lora(NUM_SLOTS, shape.num_experts, shape.hidden, shape.inter, rank, dtype) if rank else None
         self.inputs = [
             (*random_tokens(shape, num_tokens, dtype), token_mapping(num_tokens, scenario, NUM_SLOTS) if rank else None)

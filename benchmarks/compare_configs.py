@@ -21,11 +21,11 @@ import torch
 
 from torch_moe_lora.configs import get_config
 
-from common import SHAPES, ExpertsRunner, with_changes
+from common import FP8_BLOCK, SHAPES, ExpertsRunner, with_changes
 
 
 def compare(shape, num_tokens, rank, changes, scenario, fp8=False) -> str:
-    runner = ExpertsRunner(shape, num_tokens, rank=rank, scenario=scenario, fp8_block=128 if fp8 else None)
+    runner = ExpertsRunner(shape, num_tokens, rank=rank, scenario=scenario, fp8_block=FP8_BLOCK if fp8 else None)
     hidden, inter, num_experts, top_k = shape
     weights = "fp8" if fp8 else None
     tuned = get_config(torch.cuda.get_device_name(), num_experts, hidden, inter, top_k, num_tokens, weights)

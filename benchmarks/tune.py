@@ -36,15 +36,13 @@ from triton.runtime.errors import OutOfResources
 
 from torch_moe_lora.configs import LaunchConfig, device_file_name, get_config, shape_key
 
-from common import SHAPES, TOKENS, ExpertsRunner, results_dir
+from common import FP8_BLOCK, SHAPES, TOKENS, ExpertsRunner, results_dir
 
 DECODE_TILES = dict(block_n=(32, 64), block_k=(128, 256), num_warps=(4,), num_stages=(3, 4, 5))
 PREFILL_TILES = dict(block_n=(64, 128), block_k=(64,), num_warps=(4, 8), num_stages=(3, 4))
 SHRINK_CHOICES = dict(block_k=(64, 128, 256), num_stages=(2, 3, 4))
 FP8_PREFILL_BLOCK_K = (64, 128)
 """The prefill tiles' K choices for FP8 weights (``--fp8``)."""
-FP8_BLOCK = 128
-"""The scale blocks of ``--fp8``'s weights (the checkpoints' 128x128)."""
 DECISIONS = ("shrink_layout", "decode", "shrink_split", "tma", "fp8_activations")
 """The switches ``decide`` takes (``--decisions-only --decide``)."""
 SHRINK_SPLITS = (256, 512, 1024)

@@ -90,7 +90,8 @@ def check_fp8_experts() -> None:
         dequantized = (p.x, p.topk_ids, p.topk_weights, dequantize_blocks_ref(w13, s13, block),
                        dequantize_blocks_ref(w2, s2, block))  # fmt: skip
         ref = fused_experts_ref(*dequantized, **p.kwargs())
-        quantized = fused_experts_ref(*dequantized, activation_group=block[1], **p.kwargs())
+        act_fp8 = block == (128, 128)  # FP8 activations: both GEMMs' K tiles inside one scale block
+        quantized = fused_experts_ref(*dequantized, activation_group=block[1], **p.kwargs()) if act_fp8 else None
         p, w13, w2 = p.to("cuda"), w13.cuda(), w2.cuda()
         scales = WeightScales(s13.cuda(), s2.cuda(), *block)
         config = launch_config(p.x, p.topk_ids, w2)
@@ -103,7 +104,7 @@ def check_fp8_experts() -> None:
             rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
             assert rel <= REL_TOL[torch.float16], (what, block, rel)
             print(f"fp8 fused_experts ok: T={T}, block {block}, {what}, relative error {rel:.2e}")
-        if block == (128, 128):  # FP8 activations: both GEMMs' K tiles inside one scale block
+        if act_fp8:
             out = fused_experts_triton(
                 p.x, p.topk_ids, p.topk_weights, w13, w2, token_lora=p.token_lora, lora=p.lora,
                 options=ExpertOptions(), config=dataclasses.replace(config, fp8_activations=True), scales=scales,
