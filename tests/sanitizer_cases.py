@@ -5,7 +5,9 @@ calls (one token per row and rows of several tokens, odd widths, slots without t
 projection and groups of three and of five), for compute-sanitizer (GPU only).
 
     compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
-    compute-sanitizer --tool racecheck python tests/sanitizer_cases.py
+    compute-sanitizer --tool racecheck python tests/sanitizer_cases.py fused_experts  # some checks
+
+Checks: align, fused_experts, fp8_experts, lora_linear (all when none is named).
 
 Exits non-zero if any output disagrees with the reference, so a clean sanitizer report and exit
 code 0 together mean: no bad access, no shared-memory race, right answers.
@@ -145,9 +147,16 @@ def check_lora_linear() -> None:
         print(f"add_lora_linear_group ok: {len(widths)} projections, {rows} rows x {tokens_per_row} tokens")
 
 
+CHECKS = {"align": check_align, "fused_experts": check_fused_experts, "fp8_experts": check_fp8_experts,
+          "lora_linear": check_lora_linear}
+
 if __name__ == "__main__":
-    check_align()
-    check_fused_experts()
-    check_fp8_experts()
-    check_lora_linear()
+    # ``python tests/sanitizer_cases.py [check ...]``: the named checks (all by default), so that a
+    # slow tool such as racecheck can run them in separate processes.
+    names = sys.argv[1:] or list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        sys.exit(f"unknown checks {unknown}; expected some of {list(CHECKS)}")
+    for name in names:
+        CHECKS[name]()
     torch.cuda.synchronize()
